@@ -1,0 +1,203 @@
+"""Experiment configs: ``ml_collections`` Python files, command-line overrides, validation.
+
+A config file defines ``get_config(arg=None)`` returning a ``ConfigDict``. It is named by path
+(``configs/demo.py``, optionally ``configs/demo.py:arg``) or by the name of a recipe shipped in
+``hetclip.configs`` (``demo``, ``clip_b32`` ...). Overrides are ``--config.a.b=value`` as in JAX
+research code; the value is parsed to the type of the existing entry. Unknown keys and values of the
+wrong type are errors that name the key and suggest the nearest valid one.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says which and why."""
+
+
+def _module_from_path(path: str):
+    spec = importlib.util.spec_from_file_location(f"hetclip_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def available_recipes() -> list[str]:
+    import hetclip.configs as pkg
+
+    folder = os.path.dirname(pkg.__file__)
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path[:arg]`` or ``recipe[:arg]`` and return its (locked) ``ConfigDict``."""
+    name, _, arg = spec.partition(":")
+    if os.path.exists(name) or name.endswith(".py"):
+        if not os.path.exists(name):
+            raise ConfigError(f"config file {name!r} does not exist")
+        module = _module_from_path(os.path.abspath(name))
+    else:
+        recipes = available_recipes()
+        if name not in recipes:
+            near = difflib.get_close_matches(name, recipes, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown config {name!r}: not a file and not one of the recipes {recipes}{hint}")
+        module = importlib.import_module(f"hetclip.configs.{name}")
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config {spec!r} defines no get_config()")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        cfg = ml_collections.ConfigDict(cfg)
+    cfg.lock()
+    return cfg
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(flat_keys(v, full + "."))
+    return keys
+
+
+def _suggest(key: str, cfg) -> str:
+    near = difflib.get_close_matches(key, flat_keys(cfg), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _parse_value(raw: str, current: Any, key: str):
+    if isinstance(current, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config key {key!r} is a bool; cannot use {raw!r}")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                as_float = float(raw)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ConfigError(f"config key {key!r} is an int; cannot use {raw!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} is a float; cannot use {raw!r}") from None
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = tuple(x.strip() for x in raw.split(",") if x.strip())
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(current)(value)
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group of settings; override one of its entries "
+                          f"({', '.join(sorted(current.keys())[:8])}...)")
+    # None or another type: a Python literal if it parses, else the string.
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    """Set dotted ``key`` of ``cfg`` from its string form, checking that the key exists."""
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} (in override {key}={raw}){_suggest(key, cfg)}")
+        node = node[part]
+    last = parts[-1]
+    if last not in node:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, cfg)}")
+    value = _parse_value(raw, node[last], key)
+    with node.unlocked():
+        node[last] = value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Apply ``a.b=value`` strings to a copy of ``cfg``."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} needs the form key=value")
+        set_key(cfg, key.strip(), raw)
+    cfg.lock()
+    return cfg
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Split ``argv`` into (config spec, config overrides, remaining args).
+
+    Accepts ``--config X``, ``--config=X`` and ``--config.key=value`` / ``--config.key value``.
+    """
+    spec, overrides, rest = None, [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a value (a config file or recipe name)")
+            spec = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" in body:
+                overrides.append(body)
+            else:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{a} needs a value")
+                overrides.append(f"{body}={argv[i + 1]}")
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return spec, overrides, rest
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def diff(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        a, b = saved.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff(a, b, f"{prefix}{k}."))
+        elif _normal(a) != _normal(b):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _normal(v):
+    if isinstance(v, (list, tuple)):
+        return [_normal(x) for x in v]
+    return v
