@@ -1,0 +1,55 @@
+"""Shared defaults of every recipe; each recipe file changes what differs."""
+import ml_collections
+
+from hetclip.model import preset
+
+
+def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = ""  # default: runs/<recipe>
+    c.batch_size = 32768
+    c.accum_steps = 1  # micro-batches per step; the whole batch stays the negatives
+    c.total_steps = 0  # 0: derived from total_samples
+    c.total_samples = 12_800_000_000
+    c.log_every = 50
+    c.tensorboard = True
+
+    # Model: a full ModelConfig; vocabulary/eos/context follow the tokenizer when model_from_tokenizer.
+    het_cfg = dict(enabled=het, num_factors=15, num_samples=16 if het else 0, param_efficient=True,
+                   sample_chunk=4, class_chunk=None, init_scale=0.1)
+    if het:
+        model_overrides.setdefault("het", het_cfg)
+    c.model = preset(model, **model_overrides).to_dict()
+    c.model_from_tokenizer = True
+    c.init_from_hf = ""  # a Hugging Face CLIP directory to initialise the towers from
+
+    # Optimizer (HET-XL paper / big_vision defaults for contrastive pretraining).
+    c.optim = dict(lr=5e-4, warmup_init_lr=1e-5, warmup_steps=10_000, schedule="cosine", end_lr=0.0,
+                   rsqrt_timescale=10_000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
+                   lr_mults=dict(image=1.0, text=1.0, head=1.0))
+    c.freeze = dict(image=False, text=False, head=False)
+
+    c.data = dict(
+        shards="",  # brace pattern(s) of img2dataset shards
+        num_samples=0,  # 0: from sizes.json
+        image_size=preset(model).vision.image_size,
+        caption_key="txt",
+        crop_scale=(0.9, 1.0),
+        shuffle_buffer=10_000,
+        max_bad_fraction=0.01,
+        num_workers=2,
+        epochs=1000,
+        synthetic=False,
+        tokenizer=dict(kind="hf", path="", context_length=77, lower_case=True),
+    )
+    c.mesh = dict(data=-1, fsdp=1)
+    c.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
+    c.eval = dict(every_steps=0, at_end=True, batch_size=256, mc_samples=0, limit=0, tasks=[])
+    c.export = dict(format="", dir="")
+    c.demo = dict(enabled=False, dir="", params=dict())
+    return c
+
+
+def imagenet_task(path: str = "") -> dict:
+    return dict(name="imagenet", dir=path, classnames="imagenet", templates="clip80")

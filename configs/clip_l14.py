@@ -1,0 +1,11 @@
+"""CLIP ViT-L/14: FSDP over 8 devices per data replica, remat, bf16 compute. ``clip_l14:het`` for HET-XL."""
+from hetclip.configs._base import base_config, imagenet_task
+
+
+def get_config(arg: str = ""):
+    c = base_config("L/14", het=(arg == "het"), remat=True, dtype="bfloat16")
+    c.mesh.fsdp = 8
+    c.optim.lr = 4e-4
+    c.eval.tasks = [imagenet_task()]
+    c.eval.every_steps = 5000
+    return c

@@ -1,0 +1,18 @@
+"""LiT (Zhai et al. 2022): a locked, pretrained image tower and a text tower trained from scratch.
+
+    hetclip-train --config lit_b32 --config.init_from_hf=/models/clip-vit-base-patch32 \
+        --config.data.shards=... --config.data.tokenizer.path=/models/clip-vit-base-patch32
+
+``lit_b32:het`` adds a HET-XL head on the locked image features (the head is trained).
+"""
+from hetclip.configs._base import base_config, imagenet_task
+
+
+def get_config(arg: str = ""):
+    c = base_config("B/32", het=(arg == "het"))
+    c.freeze.image = True
+    c.optim.lr = 1e-3
+    c.total_samples = 3_000_000_000
+    c.eval.tasks = [imagenet_task()]
+    c.eval.every_steps = 5000
+    return c

@@ -1,0 +1,697 @@
+"""``hetclip-train``: contrastive pretraining on a device mesh, from a config, resumable.
+
+    hetclip-train --config demo --workdir runs/demo [--config.batch_size=256 ...]
+
+The step: towers -> (HET-XL head) -> loss (under ``shard_map`` over the batch axes) -> optax.
+With ``accum_steps > 1`` the whole global batch stays the set of negatives: embeddings of every
+micro-batch are computed first (no gradients), the loss and its gradient with respect to those
+embeddings are taken over the whole batch, then each micro-batch is re-encoded and back-propagated
+with its slice of that gradient. The result equals the single-pass gradient.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hetclip import checkpoint as ckpt_lib
+from hetclip import config as config_lib
+from hetclip import distributed as dist
+from hetclip import losses
+from hetclip import metrics as metrics_lib
+from hetclip import noise as noise_lib
+from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
+
+log = logging.getLogger("hetclip.train")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message names the step and the quantity."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model config from the run config (+ tokenizer)
+
+
+def model_config(cfg: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
+    """The ``ModelConfig`` of a run; vocabulary, end-of-text id and context come from the tokenizer."""
+    d = cfg.model.to_dict()
+    if tokenizer is not None:
+        text = dict(d["text"])
+        if cfg.get("model_from_tokenizer", True):
+            text.update(vocab_size=int(tokenizer.vocab_size), eos_token_id=int(tokenizer.eos_token_id),
+                        context_length=int(tokenizer.context_length))
+        else:
+            for key, want in (("vocab_size", tokenizer.vocab_size), ("eos_token_id", tokenizer.eos_token_id),
+                              ("context_length", tokenizer.context_length)):
+                if text[key] != want:
+                    raise config_lib.ConfigError(
+                        f"config model.text.{key}={text[key]} disagrees with the tokenizer ({want}); "
+                        "set model_from_tokenizer=True or fix the config")
+        d["text"] = text
+    try:
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise config_lib.ConfigError(f"config 'model': {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(o: ml_collections.ConfigDict, total_steps: int):
+    """Linear warm-up from ``warmup_init_lr`` to ``lr``, then cosine (to ``end_lr``) or rsqrt decay."""
+    warm = int(o.warmup_steps)
+    if warm >= total_steps:
+        raise config_lib.ConfigError(f"optim.warmup_steps={warm} must be smaller than total_steps={total_steps}")
+    warmup = optax.linear_schedule(o.warmup_init_lr, o.lr, max(warm, 1))
+    if o.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(o.lr, max(total_steps - warm, 1), alpha=o.end_lr / o.lr if o.lr else 0.0)
+    elif o.schedule == "rsqrt":
+        timescale = max(int(o.get("rsqrt_timescale", 10_000)), 1)
+
+        def decay(step):
+            return o.lr / jnp.sqrt(1.0 + step / timescale)
+    elif o.schedule == "constant":
+        decay = optax.constant_schedule(o.lr)
+    else:
+        raise config_lib.ConfigError(f"optim.schedule={o.schedule!r} is not one of 'cosine', 'rsqrt', 'constant'")
+    return optax.join_schedules([warmup, decay], [warm]) if warm else decay
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    top = path[0]
+    if top in ("vision_model", "visual_projection"):
+        return "image"
+    if top in ("text_model", "text_projection"):
+        return "text"
+    return "head"  # het_head, temperature, logit_bias
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
+    """AdamW (paper defaults) with clipping, weight-decay mask, per-tower lr multipliers and freezing."""
+    o = cfg.optim
+    schedule = make_schedule(o, total_steps)
+    frozen = {g for g in ("image", "text", "head") if cfg.freeze.get(g, False)}
+
+    def label(path, x):
+        g = param_group(_path_names(path))
+        return "frozen" if g in frozen else g
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    # Decay matrices only: not biases, LayerNorm, the class token, the temperature or SigLIP bias.
+    decay_mask = jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+    transforms = {"frozen": optax.set_to_zero()}
+    for g in ("image", "text", "head"):
+        mult = float(o.lr_mults.get(g, 1.0))
+        transforms[g] = optax.adamw(lambda s, m=mult: schedule(s) * m, b1=o.b1, b2=o.b2, eps=o.eps,
+                                    weight_decay=o.weight_decay, mask=decay_mask)
+    chain = []
+    if o.grad_clip and o.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(o.grad_clip))
+    chain.append(optax.multi_transform(transforms, labels))
+    return optax.chain(*chain), schedule
+
+
+# --------------------------------------------------------------------------------------------
+# Loss on embeddings
+
+
+def _split_noise(noise):
+    """Per-example part of the noise dict (what the towers produce per image) and shared ``C``."""
+    if noise is None:
+        return {}, None
+    per_example = {k: v for k, v in noise.items() if k != "C"}
+    return per_example, noise.get("C")
+
+
+def embed(model: DualEncoder, params, batch):
+    """Per-example outputs of both towers: ``{"mean", "txt", "noise/<d|v|V>"}``."""
+    img = model.apply({"params": params}, batch["image"], train=True, method=DualEncoder.encode_image)
+    txt = model.apply({"params": params}, batch["text"], method=DualEncoder.encode_text)
+    out = {"mean": img["mean"].astype(jnp.float32), "txt": txt.astype(jnp.float32)}
+    per_example, _ = _split_noise(img["noise"])
+    for k, v in per_example.items():
+        out[f"noise/{k}"] = v.astype(jnp.float32)
+    return out
+
+
+def make_loss(model_cfg: ModelConfig, mesh):
+    """``loss(params, emb, key) -> (loss, aux)`` over the global batch, sharded over the batch axes."""
+    model = DualEncoder(model_cfg)
+    het = model_cfg.het
+    axes = dist.BATCH_AXES
+    batch_spec = P(axes)
+
+    def local(emb, shared, key):
+        scale = shared["scale"]
+        if model_cfg.loss == "sigmoid":
+            return losses.siglip_loss(emb["mean"], emb["txt"], scale, shared["bias"], axis_name=axes,
+                                      class_chunk=het.class_chunk)
+        if het.enabled and het.num_samples > 0:
+            noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
+            if shared.get("C") is not None:
+                noise["C"] = shared["C"]
+            return losses.hetxl_loss(emb["mean"], noise, emb["txt"], scale, key, num_samples=het.num_samples,
+                                     sample_chunk=het.sample_chunk, class_chunk=het.class_chunk, axis_name=axes)
+        return losses.clip_loss(emb["mean"], emb["txt"], scale, axis_name=axes, class_chunk=het.class_chunk)
+
+    def loss(params, emb, key):
+        shared = {"scale": model.apply({"params": params}, method=DualEncoder.logit_scale)}
+        if model_cfg.loss == "sigmoid":
+            shared["bias"] = model.apply({"params": params}, method=DualEncoder.logit_bias)
+        if het.enabled and het.param_efficient:
+            shared["C"] = params["het_head"]["C"]
+        emb_specs = {k: batch_spec for k in emb}
+        shared_specs = {k: P() for k in shared}
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(emb_specs, shared_specs, P()), out_specs=(P(), P()),
+                           check_vma=False)
+        value, aux = fn(emb, shared, key)
+        aux = dict(aux)
+        aux["temperature"] = 1.0 / shared["scale"]
+        if "bias" in shared:
+            aux["logit_bias"] = shared["bias"]
+        return value, aux
+
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Train step
+
+
+def _micro_split(x, accum: int, n_shards: int):
+    """``[B, ...]`` -> ``[A, B/A, ...]`` where micro-batch ``a`` takes rows from every device."""
+    b = x.shape[0]
+    m = b // (n_shards * accum)
+    y = x.reshape((n_shards, accum, m) + x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape((accum, n_shards * m) + x.shape[1:])
+
+
+def _micro_merge(y, n_shards: int):
+    """Inverse of ``_micro_split``: ``[A, B/A, ...]`` -> ``[B, ...]`` in the original row order."""
+    accum, bm = y.shape[:2]
+    m = bm // n_shards
+    z = y.reshape((accum, n_shards, m) + y.shape[2:])
+    return jnp.swapaxes(z, 0, 1).reshape((accum * bm,) + y.shape[2:])
+
+
+def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 1):
+    """``step(state, batch, key) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``."""
+    model = DualEncoder(model_cfg)
+    loss_fn = make_loss(model_cfg, mesh)
+    n_shards = mesh.devices.size
+    batch_sharding = NamedSharding(mesh, P(dist.BATCH_AXES))
+    micro_sharding = NamedSharding(mesh, P(None, dist.BATCH_AXES))
+
+    def grads_single(params, batch, key):
+        def total(p):
+            return loss_fn(p, embed(model, p, batch), key)
+
+        (value, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return value, aux, grads
+
+    def grads_accumulated(params, batch, key):
+        micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            _micro_split(x, accum_steps, n_shards), micro_sharding), batch)
+        frozen_params = jax.lax.stop_gradient(params)
+        # Pass 1: embeddings of every micro-batch, no gradients kept.
+        emb_micro = jax.lax.map(lambda mb: embed(model, frozen_params, mb), micro)
+        emb = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(_micro_merge(y, n_shards), batch_sharding),
+                           emb_micro)
+        # The loss over the whole batch, its gradient wrt the embeddings and the head's shared params.
+        (value, aux), (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, emb, key)
+        g_emb_micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            _micro_split(x, accum_steps, n_shards), micro_sharding), g_emb)
+
+        # Pass 2: re-encode each micro-batch and back-propagate its slice of the embedding gradient.
+        def body(acc, inputs):
+            mb, g = inputs
+            _, vjp = jax.vjp(lambda p: embed(model, p, mb), params)
+            (gp,) = vjp(g)
+            return jax.tree.map(jnp.add, acc, gp), None
+
+        g_towers, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), (micro, g_emb_micro))
+        return value, aux, jax.tree.map(jnp.add, g_params, g_towers)
+
+    compute = grads_single if accum_steps == 1 else grads_accumulated
+
+    def step(state, batch, key):
+        value, aux, grads = compute(state["params"], batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(aux, loss=value, grad_norm=grad_norm, param_norm=optax.global_norm(params))
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
+    """The host-local batch iterator (or synthetic batches when ``data.synthetic``)."""
+    if cfg.data.get("synthetic", False):
+        return SyntheticBatches(cfg, tokenizer, local_batch, state)
+    from hetclip.data.loader import make_train_loader
+
+    return make_train_loader(cfg.data, tokenizer, batch_size=local_batch, seed=cfg.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             num_workers=cfg.data.num_workers, state=state)
+
+
+class SyntheticBatches:
+    """Random batches of the right shapes (throughput benchmarks with the input pipeline off)."""
+
+    def __init__(self, cfg, tokenizer, local_batch: int, state: dict | None):
+        rng = np.random.default_rng(cfg.seed + jax.process_index())
+        s = cfg.data.image_size
+        self._batch = {"image": rng.standard_normal((local_batch, s, s, 3), dtype=np.float32),
+                       "text": tokenizer([f"synthetic caption {i}" for i in range(local_batch)])}
+        self._count = int((state or {}).get("batches", 0))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._count += 1
+        return self._batch
+
+    def state(self):
+        return {"batches": self._count}
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Work directory and run set-up
+
+
+def _save_or_check_config(cfg, workdir: str, allow_change: bool) -> None:
+    path = os.path.join(workdir, "config.json")
+    new = cfg.to_dict()
+    if os.path.exists(path):
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changes = config_lib.diff(saved, json.loads(config_lib.to_json(cfg)))
+        if changes and not allow_change:
+            raise config_lib.ConfigError(
+                f"the work directory {workdir!r} holds a run with a different config ({path}):\n  "
+                + "\n  ".join(changes[:20])
+                + "\nuse another --workdir, or pass --allow-config-change to resume with the new values")
+        if changes:
+            log.warning("resuming with config changes: %s", "; ".join(changes))
+    if dist.is_main_process():
+        ckpt_lib.write_json_atomic(path, new)
+
+
+def _prepare_demo(cfg) -> ml_collections.ConfigDict:
+    """Generate the built-in demo data if asked for and point the data/eval settings at it."""
+    if not cfg.get("demo") or not cfg.demo.get("enabled", False):
+        return cfg
+    from hetclip.data import demo
+
+    params = cfg.demo.params.to_dict()
+    if dist.is_main_process():
+        paths = demo.ensure_demo(os.path.expanduser(cfg.demo.dir), **params)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("demo-data")
+    if not dist.is_main_process():
+        paths = demo.ensure_demo(os.path.expanduser(cfg.demo.dir), **params)
+    return demo.apply_to_config(cfg, paths)
+
+
+def _preprocess(cfg) -> dict:
+    return {"image_size": int(cfg.data.image_size), "resize": "shortest_side_bicubic", "crop": "center",
+            "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "train_crop_scale": list(cfg.data.crop_scale)}
+
+
+def _copy_tokenizer(tokenizer, workdir: str):
+    """Keep the tokenizer's files inside the work directory so checkpoints stay self-contained."""
+    from hetclip.data.tokenizers import load_tokenizer
+
+    spec = dict(tokenizer.spec())
+    src = spec.get("path") or spec.get("directory")
+    if not src or not os.path.exists(src):
+        return tokenizer, spec
+    dst = os.path.join(workdir, "tokenizer")
+    if dist.is_main_process() and not os.path.exists(dst):
+        tmp = dst + f".tmp-{os.getpid()}"
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp)
+        else:
+            os.makedirs(tmp)
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    key = "path" if "path" in spec else "directory"
+    spec[key] = dst if os.path.isdir(src) else os.path.join(dst, os.path.basename(src))
+    return load_tokenizer(spec), spec
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds besides the loop's local variables."""
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    model_cfg: ModelConfig
+    tokenizer: object
+    tokenizer_spec: dict
+    mesh: object
+    total_steps: int
+
+
+def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
+    os.makedirs(workdir, exist_ok=True)
+    _save_or_check_config(cfg, workdir, allow_config_change)
+    cfg = _prepare_demo(cfg)
+    from hetclip.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer.to_dict() if isinstance(cfg.data.tokenizer, ml_collections.ConfigDict)
+                               else cfg.data.tokenizer)
+    tokenizer, spec = _copy_tokenizer(tokenizer, workdir)
+    mesh = dist.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    dist.batch_size_check(cfg.batch_size, mesh)
+    if cfg.accum_steps < 1 or cfg.batch_size % (mesh.devices.size * cfg.accum_steps):
+        raise config_lib.ConfigError(
+            f"batch_size={cfg.batch_size} must split into accum_steps={cfg.accum_steps} micro-batches on each of "
+            f"the {mesh.devices.size} devices (a multiple of {mesh.devices.size * max(cfg.accum_steps, 1)})")
+    total = int(cfg.total_steps) if cfg.total_steps > 0 else math.ceil(cfg.total_samples / cfg.batch_size)
+    if total < 1:
+        raise config_lib.ConfigError("set total_steps or total_samples to a positive number")
+    return Run(cfg, workdir, model_config(cfg, tokenizer), tokenizer, spec, mesh, total)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up at once
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    for name in ("loss", "grad_norm", "param_norm"):
+        value = float(metrics[name])
+        if not math.isfinite(value):
+            raise TrainingError(f"non-finite {name} ({value}) at step {step}; stopping without saving this state. "
+                                "The last good checkpoint is untouched; lower the learning rate or check the data")
+
+
+def _metadata(run: Run) -> dict:
+    return {"model": run.model_cfg.to_dict(), "tokenizer": run.tokenizer_spec, "preprocess": _preprocess(run.cfg),
+            "config": run.cfg.to_dict(), "hetclip_version": _version()}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hetclip")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> dict:
+    """Train (or resume) a run in ``workdir``; returns a summary dict. ``max_steps`` stops early (tests)."""
+    run = setup(cfg, workdir, allow_config_change)
+    cfg = run.cfg
+    mesh = run.mesh
+    main = dist.is_main_process()
+    local_batch = cfg.batch_size // jax.process_count()
+
+    key = jax.random.key(cfg.seed)
+    init_key, loop_key = jax.random.split(key)
+    abstract = abstract_params(run.model_cfg)
+    p_shard = dist.tree_shardings(mesh, abstract)
+    params = jax.jit(lambda k: init_params(run.model_cfg, k), out_shardings=p_shard)(init_key)
+    if cfg.get("init_from_hf"):
+        params = _init_from_hf(cfg.init_from_hf, run.model_cfg, params, p_shard)
+    optimizer, schedule = make_optimizer(cfg, params, run.total_steps)
+    o_abstract = jax.eval_shape(optimizer.init, params)
+    o_shard = dist.tree_shardings(mesh, o_abstract)
+    opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
+    rep = dist.replicated(mesh)
+    rng = jax.random.key_data(loop_key)
+
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
+    start_step, data_state = 0, None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        with_shard = lambda tree, sh: jax.tree.map(  # noqa: E731
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+        restored = ckpt.restore(latest, abstract_params=with_shard(abstract, p_shard),
+                                abstract_opt_state=with_shard(o_abstract, o_shard),
+                                abstract_rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
+        start_step, data_state = restored["step"], restored["data"]
+        if main:
+            log.info("resumed from %s at step %d", ckpt.directory, start_step)
+
+    step_fn = jax.jit(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps), donate_argnums=(0,))
+    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(start_step, jnp.int32)}
+    loop_key = jax.random.wrap_key_data(rng)
+    data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
+    end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
+    bar = metrics_lib.Progress(run.total_steps, initial=start_step, enabled=main and progress)
+    meta = _metadata(run)
+
+    def save(step):
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], rng=rng,
+                  data_state=data.state(), meta=meta)
+
+    summary = {"workdir": workdir, "start_step": start_step, "total_steps": run.total_steps}
+    step = start_step
+    last_eval = {}
+    window = {"t0": time.perf_counter(), "wait": 0.0, "n": 0}
+    try:
+        with _StopRequest() as stop:
+            while step < end_step:
+                t_wait = time.perf_counter()
+                try:
+                    local = next(data)
+                except StopIteration:
+                    raise TrainingError(f"the data ran out at step {step} (set data.epochs higher or "
+                                        "num_samples correctly)") from None
+                batch = dist.global_batch(local, mesh)
+                window["wait"] += time.perf_counter() - t_wait
+                state, metrics = step_fn(state, batch, jax.random.fold_in(loop_key, step))
+                step += 1
+                window["n"] += 1
+                metrics = jax.device_get(metrics)
+                _check_finite(step, metrics)
+                if step % cfg.log_every == 0 or step == end_step:
+                    dt = time.perf_counter() - window["t0"]
+                    scalars = {k: float(v) for k, v in metrics.items()}
+                    scalars.update({"lr": float(schedule(step - 1)),
+                                    "samples_per_sec": window["n"] * cfg.batch_size / max(dt, 1e-9),
+                                    "data_wait_frac": window["wait"] / max(dt, 1e-9)})
+                    writer.write(step, scalars)
+                    eta = (end_step - step) * dt / max(window["n"], 1)
+                    bar.update(step, {"loss": scalars["loss"], "T": scalars["temperature"],
+                                      "sps": scalars["samples_per_sec"], "wait": scalars["data_wait_frac"],
+                                      "eta": f"{eta / 60:.1f}m"})
+                    window = {"t0": time.perf_counter(), "wait": 0.0, "n": 0}
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    save(step)
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
+                    last_eval = evaluate(run, state["params"], step, writer, bar)
+                if stop.signal is not None:
+                    bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
+                    save(step)
+                    ckpt.wait()
+                    summary.update(stopped_by_signal=int(stop.signal), step=step)
+                    return summary
+            if ckpt.latest_step() != step:
+                save(step)
+            ckpt.wait()
+    finally:
+        bar.close()
+        data.close()
+        ckpt.close()
+    summary["step"] = step
+    summary["data"] = data.stats()
+    if step >= run.total_steps:
+        if cfg.eval.get("at_end", True) and cfg.eval.tasks:
+            last_eval = evaluate(run, state["params"], step, writer, None)
+        summary["eval"] = last_eval
+        if cfg.get("export") and cfg.export.get("format") and main:
+            summary["export"] = export(run, workdir)
+    writer.close()
+    if main:
+        ckpt_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings):
+    """Towers from a Hugging Face CLIP directory (fine-tuning, LiT); the head keeps its init."""
+    from hetclip import hf
+
+    imported, _ = hf.params_from_hf(path, model_cfg)
+    merged = dict(jax.device_get(params))
+    for k, v in imported.items():
+        if k in merged:
+            merged[k] = v
+    return jax.device_put(merged, shardings)
+
+
+def evaluate(run: Run, params, step: int, writer, bar) -> dict:
+    """Zero-shot accuracy on the configured tasks (the periodic hook and the end of training)."""
+    from hetclip.model import Encoders
+    from hetclip.zero_shot.evaluate import run_zero_shot
+
+    enc = Encoders(run.model_cfg, jax.device_get(params))
+    results = {}
+    for task in run.cfg.eval.tasks:
+        res = run_zero_shot(enc, run.tokenizer, task.dir, classnames=task.get("classnames"),
+                            templates=task.get("templates"), image_size=run.model_cfg.vision.image_size,
+                            batch_size=run.cfg.eval.batch_size, mc_samples=run.cfg.eval.mc_samples,
+                            limit=run.cfg.eval.get("limit") or None)
+        results[task.name] = res
+        scalars = {f"zero_shot/{task.name}/{k}": v for k, v in _flat_scalars(res).items()}
+        writer.write(step, scalars)
+        msg = f"step {step} zero-shot {task.name}: top1={_get(res, 'top1'):.4f}"
+        (bar.write(msg) if bar is not None else print(msg, flush=True)) if dist.is_main_process() else None
+    if dist.is_main_process():
+        ckpt_lib.write_json_atomic(os.path.join(run.workdir, f"zero_shot_step{step}.json"), results)
+    return results
+
+
+def _get(res: dict, key: str) -> float:
+    if key in res:
+        return float(res[key])
+    for v in res.values():
+        if isinstance(v, dict) and key in v:
+            return float(v[key])
+    return float("nan")
+
+
+def _flat_scalars(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def export(run: Run, workdir: str) -> dict:
+    from hetclip import export as export_lib
+
+    out = os.path.join(workdir, run.cfg.export.get("dir") or f"export_{run.cfg.export.format}")
+    export_lib.export_checkpoint(workdir, out, fmt=run.cfg.export.format, force=True)
+    return {"format": run.cfg.export.format, "dir": out}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse(argv: list[str]):
+    spec, overrides, rest = config_lib.split_argv(argv)
+    parser = argparse.ArgumentParser(prog="hetclip-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--config FILE|RECIPE (required) and --config.KEY=VALUE overrides. "
+                                            f"Recipes: {', '.join(config_lib.available_recipes())}")
+    parser.add_argument("--workdir", help="run directory (default: runs/<recipe>)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a work directory even though its saved config differs")
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument("--coordinator", help="multi-process: coordinator address host:port")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
+    args = parser.parse_args(rest)
+    if spec is None:
+        parser.error("--config is required (a config file or one of the recipes: "
+                     f"{', '.join(config_lib.available_recipes())})")
+    cfg = config_lib.apply_overrides(config_lib.load_config(spec), overrides)
+    workdir = args.workdir or cfg.get("workdir") or os.path.join("runs", os.path.splitext(os.path.basename(
+        spec.partition(":")[0]))[0])
+    return cfg, workdir, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        cfg, workdir, args = parse(sys.argv[1:] if argv is None else argv)
+        dist.initialize(args.coordinator, args.num_processes, args.process_id)
+        summary = train(cfg, workdir, allow_config_change=args.allow_config_change, progress=not args.no_progress,
+                        max_steps=args.max_steps)
+    except (config_lib.ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"hetclip-train: error: {e}", file=sys.stderr)
+        return 2
+    if "stopped_by_signal" in summary:
+        return 128 + summary["stopped_by_signal"]
+    print(_summary_text(summary), flush=True)
+    return 0
+
+
+def _summary_text(summary: dict) -> str:
+    lines = [f"trained {summary['workdir']}: step {summary['step']} of {summary['total_steps']}"]
+    for name, res in (summary.get("eval") or {}).items():
+        lines.append(f"  zero-shot {name}: top1 {_get(res, 'top1'):.4f}  top5 {_get(res, 'top5'):.4f}")
+    if summary.get("export"):
+        lines.append(f"  exported ({summary['export']['format']}) to {summary['export']['dir']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
