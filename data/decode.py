@@ -1,0 +1,226 @@
+"""Image decoding to RGB and CLIP-style train/eval transforms (Pillow + numpy, no torch).
+
+* ``load_rgb(bytes_or_path)`` decodes any Pillow-readable image to an 8-bit RGB ``PIL.Image``:
+  grayscale/1-bit/CMYK/YCbCr/LAB/HSV are converted; 16-bit and 32-bit integer images are scaled to
+  8 bits (not clipped); images with transparency (``RGBA``, ``LA``, ``PA``, palette with a
+  transparent colour) are **composited on white** (configurable ``background``): dropping alpha would
+  expose whatever colour the encoder stored under transparent pixels (often black), while white is
+  what a viewer shows for a logo or product photo. Anything else raises ``DecodeError``.
+* Decompression bombs: ``max_pixels`` (default 2**28 ~ 268 Mpx, the size of Pillow's own error
+  threshold) is checked on the header before any pixel is decoded.
+* ``train_transform``: random resized crop (area scale range default (0.9, 1.0), aspect ratio
+  (3/4, 4/3), bicubic). The default follows open_clip's CLIP recipe: at web scale the captions, not
+  heavy cropping, provide the variety, and small crops often cut away what the caption describes.
+  Pass ``crop_scale=(0.08, 1.0)`` for the Inception-style augmentation of supervised training.
+* ``eval_transform``: resize shortest side to ``size`` (bicubic) + centre crop, as CLIP.
+
+Speed: JPEGs are decoded at a reduced scale with ``Image.draft`` whenever the crop still covers at
+least ``size`` pixels on each side, and crop + resize is one ``Image.resize(box=...)`` call.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 1 << 28
+DEFAULT_CROP_SCALE = (0.9, 1.0)
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+WHITE = (255, 255, 255)
+
+_PASS_MODES = {"RGB"}
+_CONVERT_MODES = {"L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
+
+
+class DecodeError(ValueError):
+    """An image that cannot be used; ``reason`` is a short tag (``corrupt_image``, ``bomb``, ``mode``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(src: bytes | str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) and check the pixel count; pixels are decoded later, lazily."""
+    try:
+        # Pillow's own bomb check is replaced by ours (configurable, checked before decoding).
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+        img.MAX_IMAGE_PIXELS = None
+    except Image.DecompressionBombError as e:
+        raise DecodeError("bomb", str(e)) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DecodeError("corrupt_image", f"cannot identify image: {e}") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        img.close()
+        raise DecodeError("bomb", f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                  "(possible decompression bomb; raise max_pixels to allow it)")
+    if w < 1 or h < 1:
+        img.close()
+        raise DecodeError("corrupt_image", f"image has size {w}x{h}")
+    return img
+
+
+def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Convert a decoded image to 8-bit RGB (see module docstring for the rules)."""
+    mode = img.mode
+    try:
+        if mode in _PASS_MODES:
+            return img
+        if mode in _CONVERT_MODES:
+            return img.convert("RGB")
+        if mode == "P":
+            if "transparency" in img.info:
+                return to_rgb(img.convert("RGBA"), background=background)
+            return img.convert("RGB")
+        if mode in _ALPHA_MODES:
+            rgba = img.convert("RGBA")
+            base = Image.new("RGBA", rgba.size, (*background, 255))
+            return Image.alpha_composite(base, rgba).convert("RGB")
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            a = np.asarray(img)
+            if mode.startswith("I;16"):
+                a8 = (a.astype(np.uint32) >> 8).astype(np.uint8)
+            elif mode == "I":
+                top = 65535 if a.max(initial=0) > 255 else 255
+                a8 = (np.clip(a, 0, top).astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
+            else:
+                a8 = np.clip(a, 0, 255).astype(np.uint8)
+            return Image.fromarray(a8, "L").convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DecodeError("corrupt_image", f"cannot decode {mode} image: {e}") from None
+    raise DecodeError("mode", f"image mode {mode!r} cannot be converted to RGB")
+
+
+def load_rgb(src: bytes | str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             background: tuple[int, int, int] = WHITE, draft_size: int | None = None) -> Image.Image:
+    """Decode ``src`` (encoded bytes or a path) to an RGB image (``DecodeError`` if unusable).
+
+    ``draft_size``: allow JPEG decoding at a reduced scale keeping the shortest side >= draft_size.
+    """
+    img = open_image(src, max_pixels=max_pixels)
+    try:
+        if draft_size:
+            _draft(img, (0, 0) + img.size, draft_size)
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        img.close()
+        raise DecodeError("corrupt_image", f"cannot decode image: {e}") from None
+    return to_rgb(img, background=background)
+
+
+def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[float, ...]:
+    """JPEG draft so that the ``box`` region still has >= ``size`` pixels per side; returns scaled box."""
+    if img.format != "JPEG":
+        return box
+    w, h = img.size
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    factor = min(bw, bh) / float(size)
+    if factor < 2:
+        return box
+    req = (int(math.ceil(w / factor)), int(math.ceil(h / factor)))
+    img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, req)
+    sx, sy = img.size[0] / w, img.size[1] / h
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random, *,
+                            scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+                            ratio: tuple[float, float] = DEFAULT_CROP_RATIO) -> tuple[int, int, int, int]:
+    """Crop box (left, top, right, bottom) of an Inception-style random resized crop.
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); 10 attempts, then the largest
+    centred crop within the ratio range (torchvision's rule).
+    """
+    area = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(lo, hi))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            x = rng.randint(0, width - w)
+            y = rng.randint(0, height - h)
+            return x, y, x + w, y + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
+def centre_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The centred square of side min(width, height): resize-shortest-side + centre-crop in one box."""
+    s = min(width, height)
+    x, y = (width - s) // 2, (height - s) // 2
+    return x, y, x + s, y + s
+
+
+def _crop_resize(img: Image.Image, box: tuple[float, ...], size: int, background: tuple[int, int, int]) -> np.ndarray:
+    box = _draft(img, box, size)
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        img.close()
+        raise DecodeError("corrupt_image", f"cannot decode image: {e}") from None
+    rgb = to_rgb(img, background=background)
+    out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def train_transform_uint8(src: bytes | str | os.PathLike | Image.Image, size: int, rng: random.Random, *,
+                          scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+                          ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+                          max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                          background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """Random resized crop to ``size`` x ``size``: uint8 [size, size, 3]."""
+    img = src if isinstance(src, Image.Image) else open_image(src, max_pixels=max_pixels)
+    box = random_resized_crop_box(*img.size, rng, scale=scale, ratio=ratio)
+    return _crop_resize(img, box, size, background)
+
+
+def eval_transform_uint8(src: bytes | str | os.PathLike | Image.Image, size: int, *,
+                         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                         background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """Resize shortest side to ``size`` (bicubic) and centre crop: uint8 [size, size, 3]."""
+    img = src if isinstance(src, Image.Image) else open_image(src, max_pixels=max_pixels)
+    return _crop_resize(img, centre_crop_box(*img.size), size, background)
+
+
+_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, np.float64))).astype(np.float32)
+_SHIFT = (np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64)).astype(np.float32)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 ``(x / 255 - CLIP_MEAN) / CLIP_STD``."""
+    out = images.astype(np.float32)
+    out *= _SCALE
+    out -= _SHIFT
+    return out
+
+
+def train_transform(src: Any, size: int, rng: random.Random, **kw: Any) -> np.ndarray:
+    """Random resized crop + CLIP normalisation: float32 [size, size, 3]."""
+    return normalize(train_transform_uint8(src, size, rng, **kw))
+
+
+def eval_transform(img: Any, size: int, **kw: Any) -> np.ndarray:
+    """Resize shortest side + centre crop + CLIP normalisation: float32 [size, size, 3].
+
+    ``img`` may be a PIL image (any mode), encoded bytes or a path.
+    """
+    return normalize(eval_transform_uint8(img, size, **kw))

@@ -1,0 +1,624 @@
+"""Batches for training and evaluation: worker processes, bounded prefetch, exact resume.
+
+The main process reads the shards (``SampleStream``: deterministic, resumable) and tokenizes;
+``num_workers`` processes (multiprocessing, ``spawn`` by default: safe beside JAX threads) decode and
+augment chunks of samples; results are re-ordered, so batches do not depend on the number of workers.
+Augmentation randomness of a sample is ``hash(seed, process, position in the stream)``.
+
+``loader.state()`` after a batch is a small JSON-serialisable dict: the stream position at the start
+of the chunk holding the batch's last sample, the number of samples of that chunk already used, and
+the skip counters. ``make_train_loader(..., state=s)`` continues with the identical next batch (see
+``hetclip.data.shards`` for the restore cost: re-reading, not decoding, at most a few shards).
+
+Bad input: a sample without image or caption, with an empty caption, an undecodable image, an
+image over the pixel limit or in an unconvertible mode is skipped; so is the rest of a truncated or
+unreadable shard. Each is counted by reason, named in a ``BadSampleWarning`` (shard URL and key; the
+first ``warn_limit`` of each reason) and listed in ``stats()``. More than ``max_bad_fraction`` of
+skipped samples (checked once ``bad_check_after`` samples were seen, and at the end of the data)
+raises ``TooManyBadSamples``.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import random
+import time
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import decode
+from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, \
+    expand_pattern, hash_words, iter_shard, parse_sources, ShardReadError
+
+LOADER_STATE_VERSION = 1
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "shards": None,             # pattern(s), see hetclip.data.shards
+    "weights": None,            # source upsampling factors (list or "1::2")
+    "image_size": 224,
+    "caption_key": "txt",       # member ext, or "json:field.sub"; alternatives joined by ","
+    "num_samples": None,        # samples per epoch (all processes); default: from sizes.json
+    "shuffle_buffer": 1000,
+    "shuffle_shards": True,
+    "crop_scale": decode.DEFAULT_CROP_SCALE,
+    "crop_ratio": decode.DEFAULT_CROP_RATIO,
+    "max_pixels": decode.DEFAULT_MAX_PIXELS,
+    "background": decode.WHITE,
+    "max_bad_fraction": 0.01,
+    "bad_check_after": 1000,
+    "epochs": None,             # None: repeat forever
+    "chunk_size": 16,           # samples per worker task
+    "prefetch": 2,              # batches decoded ahead
+    "start_method": "spawn",
+    "warn_limit": 20,
+}
+EVAL_DEFAULTS: dict[str, Any] = {
+    "source": None,             # ImageFolder directory or .cls shard pattern
+    "image_size": 224,
+    "label_key": "cls",
+    "max_pixels": decode.DEFAULT_MAX_PIXELS,
+    "background": decode.WHITE,
+    "max_bad_fraction": 0.01,
+    "bad_check_after": 1000,
+    "chunk_size": 16,
+    "prefetch": 2,
+    "start_method": "spawn",
+    "warn_limit": 20,
+}
+FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class BadSampleWarning(UserWarning):
+    """A sample or shard was skipped (the message names the shard and key and why)."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """Skipped samples exceed ``max_bad_fraction``."""
+
+
+# ----------------------------------------------------------------------------- spec handling
+
+def resolve_spec(spec: Any, defaults: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Merge a dict-like spec (dict or ml_collections ConfigDict) over ``defaults``; unknown keys fail."""
+    if spec is None:
+        given: dict[str, Any] = {}
+    elif isinstance(spec, str):
+        given = {"shards" if "shards" in defaults else "source": spec}
+    else:
+        given = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    out = dict(defaults)
+    for k, v in given.items():
+        if k not in defaults:
+            near = difflib.get_close_matches(k, defaults, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise KeyError(f"unknown data spec key {k!r}{hint}; known keys: {sorted(defaults)}")
+        out[k] = v
+    for k in ("crop_scale", "crop_ratio", "background"):
+        if k in out and out[k] is not None:
+            out[k] = tuple(out[k])
+    if "crop_scale" in out:
+        lo, hi = out["crop_scale"]
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {out['crop_scale']}")
+    if not 0 <= float(out["max_bad_fraction"]) <= 1:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {out['max_bad_fraction']}")
+    return out
+
+
+def caption_fields(caption_key: str) -> list[tuple[str, list[str]]]:
+    """``"txt,json:meta.caption"`` -> ``[("txt", []), ("json", ["meta", "caption"])]``."""
+    out = []
+    for alt in str(caption_key).split(","):
+        alt = alt.strip()
+        ext, _, path = alt.partition(":")
+        out.append((ext.lower(), [p for p in path.split(".") if p]))
+    return out
+
+
+def extract_caption(sample: dict, caption_key: str) -> str:
+    """The caption of a raw sample; raises ``ValueError`` with reason prefix when missing/empty."""
+    tried = []
+    for ext, path in caption_fields(caption_key):
+        raw = sample.get(ext)
+        tried.append(ext + (":" + ".".join(path) if path else ""))
+        if raw is None:
+            continue
+        if path:
+            try:
+                value: Any = json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"bad_caption: {ext} member is not valid JSON: {e}") from None
+            for p in path:
+                value = value.get(p) if isinstance(value, dict) else None
+            if value is None:
+                continue
+            text = str(value)
+        else:
+            try:
+                text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"bad_caption: {ext} member is not UTF-8: {e}") from None
+        text = text.strip()
+        if not text:
+            raise ValueError(f"empty_caption: {tried[-1]} is empty")
+        return text
+    raise ValueError(f"missing_caption: no {' or '.join(tried)} in the sample")
+
+
+# ----------------------------------------------------------------------------- per-sample work
+
+def _process(cfg: dict, item: tuple) -> tuple:
+    """Decode one item -> ("ok", uint8 image, caption or label) or ("bad", reason, message)."""
+    kind, key, url, image, extra, seed = item
+    try:
+        if cfg["mode"] == "train":
+            if image is None:
+                return ("bad", "missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
+            try:
+                target: Any = extract_caption(extra, cfg["caption_key"])
+            except ValueError as e:
+                reason, _, msg = str(e).partition(": ")
+                return ("bad", reason, msg)
+            arr = decode.train_transform_uint8(
+                image, cfg["image_size"], random.Random(seed), scale=cfg["crop_scale"],
+                ratio=cfg["crop_ratio"], max_pixels=cfg["max_pixels"], background=cfg["background"])
+        else:
+            if image is None:
+                return ("bad", "missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
+            target = extra
+            arr = decode.eval_transform_uint8(image, cfg["image_size"], max_pixels=cfg["max_pixels"],
+                                              background=cfg["background"])
+        return ("ok", arr, target)
+    except decode.DecodeError as e:
+        return ("bad", e.reason, str(e))
+    except Exception as e:  # noqa: BLE001 - one bad sample must not kill the run
+        return ("bad", "error", f"{type(e).__name__}: {e}")
+
+
+def _worker_loop(tasks: Any, results: Any, cfg: dict, parent_pid: int) -> None:
+    """Worker process: decode chunks until a ``None`` task arrives or the parent disappears."""
+    while True:
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return
+            continue
+        if task is None:
+            return
+        job_id, items = task
+        results.put((job_id, [_process(cfg, it) for it in items]))
+
+
+class _Pool:
+    """Worker processes with one task queue, one result queue and in-order delivery."""
+
+    def __init__(self, num_workers: int, cfg: dict, start_method: str):
+        ctx = multiprocessing.get_context(start_method)
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_loop, args=(self.tasks, self.results, cfg, os.getpid()),
+                                  daemon=True, name=f"hetclip-decode-{i}") for i in range(num_workers)]
+        for p in self.procs:
+            p.start()
+        self.done: dict[int, list] = {}
+
+    def submit(self, job_id: int, items: list) -> None:
+        self.tasks.put((job_id, items))
+
+    def get(self, job_id: int) -> list:
+        while job_id not in self.done:
+            try:
+                jid, res = self.results.get(timeout=1.0)
+                self.done[jid] = res
+            except queue.Empty:
+                dead = [p for p in self.procs if p.exitcode is not None]
+                if dead:
+                    raise RuntimeError(f"decode worker {dead[0].name} (pid {dead[0].pid}) exited with "
+                                       f"code {dead[0].exitcode}; see its output above") from None
+        return self.done.pop(job_id)
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.tasks.put(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 10
+        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            try:  # drain so workers blocked on a full result pipe can finish
+                while True:
+                    self.results.get_nowait()
+            except (queue.Empty, OSError, ValueError, EOFError):
+                pass
+            for p in self.procs:
+                p.join(0.05)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            p.close()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()
+            q.close()
+        self.procs, self.done = [], {}
+
+
+# ----------------------------------------------------------------------------- the loader
+
+class _Stats:
+    def __init__(self, d: dict | None = None):
+        d = d or {}
+        self.samples_ok = int(d.get("samples_ok", 0))
+        self.skipped: collections.Counter = collections.Counter(d.get("skipped", {}))
+        self.batches = int(d.get("batches", 0))
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(v for k, v in self.skipped.items() if not k.endswith("_shard"))
+
+    def to_dict(self) -> dict:
+        return {"samples_ok": self.samples_ok, "skipped": dict(self.skipped), "batches": self.batches}
+
+
+class Loader:
+    """Iterator of numpy batches with ``state()``, ``stats()`` and ``close()`` (also a context manager).
+
+    Built by ``make_train_loader`` / ``make_eval_loader``; see the module docstring.
+    """
+
+    def __init__(self, *, items: Iterator, state_fn: Callable[[], Any] | None, cfg: dict,
+                 batch_size: int, num_workers: int, tokenizer: Any = None, drop_last: bool = True,
+                 target_name: str = "text", stats: dict | None = None, skip: int = 0,
+                 closers: Sequence[Callable[[], None]] = ()):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._items, self._state_fn, self._cfg = items, state_fn, cfg
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._tokenizer, self._drop_last, self._target = tokenizer, drop_last, target_name
+        self._closers = list(closers)
+        self._stats = _Stats(stats)
+        self._warned: collections.Counter = collections.Counter()
+        self._examples: collections.deque = collections.deque(maxlen=50)
+        self._wait = 0.0
+        self._read = 0
+        self._pool: _Pool | None = None
+        self._closed = False
+        self._exhausted = False
+        self._next_job = 0
+        self._inflight: collections.deque = collections.deque()  # (job_id, snapshot, meta, items|None)
+        self._pending: collections.deque = collections.deque()   # decoded entries, in stream order
+        self._pending_ok = 0
+        self._position: tuple[Any, int] | None = (state_fn(), skip) if state_fn else None
+        chunk = max(1, min(int(cfg["chunk_size"]), self.batch_size))
+        self._chunk = chunk
+        self._max_inflight = max(2 * max(num_workers, 1),
+                                 int(cfg["prefetch"]) * math.ceil(self.batch_size / chunk))
+        if skip:
+            for _ in range(skip):
+                next(self._items)
+        if num_workers > 0:
+            self._pool = _Pool(num_workers, cfg, cfg["start_method"])
+
+    # -- iteration
+    def __iter__(self) -> "Loader":
+        return self
+
+    def _read_chunk(self) -> bool:
+        snapshot = self._state_fn() if self._state_fn else None
+        items, meta = [], []
+        while len(items) < self._chunk:
+            try:
+                it = next(self._items)
+            except StopIteration:
+                self._exhausted = True
+                break
+            if isinstance(it, ShardFailure):
+                meta.append(("fail", it))
+                items.append(None)
+            else:
+                meta.append(("sample", it[1], it[2]))
+                items.append(it)
+        if not items:
+            return False
+        self._read += len(items)
+        job = self._next_job
+        self._next_job += 1
+        work = [it for it in items if it is not None]
+        if self._pool is not None and work:
+            self._pool.submit(job, work)
+            self._inflight.append((job, snapshot, meta, None))
+        else:
+            self._inflight.append((job, snapshot, meta, work))
+        return True
+
+    def _fill(self) -> None:
+        while len(self._inflight) < self._max_inflight and not self._exhausted:
+            if not self._read_chunk():
+                break
+
+    def _collect(self) -> None:
+        job, snapshot, meta, work = self._inflight.popleft()
+        t0 = time.perf_counter()
+        if work is None:
+            results = self._pool.get(job)  # type: ignore[union-attr]
+        else:
+            results = [_process(self._cfg, it) for it in work]
+        self._wait += time.perf_counter() - t0
+        res = iter(results)
+        for idx, m in enumerate(meta):
+            if m[0] == "fail":
+                f = m[1]
+                entry = ("bad", f.reason, f.url, None, f.detail)
+            else:
+                r = next(res)
+                if r[0] == "ok":
+                    entry = ("ok", r[1], r[2])
+                    self._pending_ok += 1
+                else:
+                    entry = ("bad", r[1], m[2], m[1], r[2])
+            self._pending.append((entry, snapshot, idx + 1))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RuntimeError("loader is closed")
+        while self._pending_ok < self.batch_size:
+            self._fill()
+            if not self._inflight:
+                break
+            self._collect()
+        if self._pending_ok == 0 or (self._drop_last and self._pending_ok < self.batch_size):
+            while self._pending:  # account for trailing bad samples
+                self._commit(self._pending.popleft())
+            self._check_bad(final=True)
+            raise StopIteration
+        images, targets = [], []
+        while len(images) < self.batch_size and self._pending_ok:
+            entry = self._pending.popleft()
+            self._commit(entry)
+            if entry[0][0] == "ok":
+                self._pending_ok -= 1
+                images.append(entry[0][1])
+                targets.append(entry[0][2])
+        self._check_bad(final=False)
+        self._stats.batches += 1
+        batch = {"image": decode.normalize(np.stack(images))}
+        if self._tokenizer is not None:
+            tokens = np.asarray(self._tokenizer(targets))
+            if tokens.ndim != 2 or tokens.shape[0] != len(targets):
+                raise ValueError(f"tokenizer returned shape {tokens.shape} for {len(targets)} captions; "
+                                 "expected [batch, context_length]")
+            batch["text"] = tokens.astype(np.int32, copy=False)
+        else:
+            batch[self._target] = np.asarray(targets, np.int32)
+        return batch
+
+    def _commit(self, pending: tuple) -> None:
+        entry, snapshot, skip = pending
+        if snapshot is not None:
+            self._position = (snapshot, skip)
+        if entry[0] == "ok":
+            self._stats.samples_ok += 1
+            return
+        _, reason, url, key, msg = entry
+        self._stats.skipped[reason] += 1
+        self._examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
+        self._warned[reason] += 1
+        limit = int(self._cfg["warn_limit"])
+        if self._warned[reason] <= limit:
+            what = f"shard {url}" if key is None else f"sample {key!r} of {url}"
+            more = " (further warnings of this kind suppressed)" if self._warned[reason] == limit else ""
+            warnings.warn(f"skipped {what}: {reason}: {msg}{more}", BadSampleWarning, stacklevel=3)
+
+    def _check_bad(self, *, final: bool) -> None:
+        bad = self._stats.bad_samples
+        seen = bad + self._stats.samples_ok
+        frac = float(self._cfg["max_bad_fraction"])
+        if bad and (final or seen >= int(self._cfg["bad_check_after"])) and bad > frac * seen:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
+            ex = self._examples[-1] if self._examples else {}
+            self.close()
+            raise TooManyBadSamples(
+                f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
+                f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
+                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
+        if final and self._stats.samples_ok == 0 and self._stats.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
+            self.close()
+            raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+
+    # -- state, stats, shutdown
+    def state(self) -> dict:
+        """Position after the last returned batch (JSON-serialisable); pass as ``state=`` to resume."""
+        if self._position is None:
+            raise RuntimeError("this loader is not resumable (evaluation loaders are read once)")
+        snapshot, skip = self._position
+        return {"version": LOADER_STATE_VERSION, "stream": snapshot, "skip": skip,
+                "stats": self._stats.to_dict()}
+
+    def stats(self) -> dict:
+        """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""
+        return {**self._stats.to_dict(), "samples_read": self._read, "wait_seconds": self._wait,
+                "bad_examples": list(self._examples)}
+
+    def close(self) -> None:
+        """Stop the workers and close open shards (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        for c in self._closers:
+            c()
+        self._pending.clear()
+        self._inflight.clear()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ----------------------------------------------------------------------------- train
+
+def _train_fields(caption_key: str) -> Callable[[str], bool]:
+    keep = set(IMAGE_EXTS) | {ext for ext, _ in caption_fields(caption_key)}
+    return lambda ext: ext in keep
+
+
+def _train_items(stream: SampleStream, seed: int, process_index: int) -> Iterator:
+    for s in stream:
+        if isinstance(s, ShardFailure):
+            yield s
+            continue
+        image = next((s[e] for e in IMAGE_EXTS if e in s), None)
+        extra = {k: v for k, v in s.items() if not k.startswith("__") and k not in IMAGE_EXTS}
+        yield ("train", s["__key__"], s["__url__"], image, extra,
+               hash_words(seed, process_index, s["__index__"], 7))
+
+
+def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, process_index: int = 0,
+                      process_count: int = 1, num_workers: int = 2, state: dict | None = None,
+                      **overrides: Any) -> Loader:
+    """Training loader over webdataset shards (``spec`` keys: see ``TRAIN_DEFAULTS``).
+
+    ``batch_size`` is per process. Yields ``{"image": float32 [B, H, W, 3], "text": int32 [B, L]}``.
+    ``loader.num_samples`` is the epoch size over all processes (sizes.json or ``num_samples``; None
+    if unknown).
+    """
+    cfg = resolve_spec(spec, TRAIN_DEFAULTS, **overrides)
+    if not cfg["shards"]:
+        raise ShardError("data spec has no `shards`")
+    sources = parse_sources(cfg["shards"], cfg["weights"])
+    stream_state, skip, stats = None, 0, None
+    if state is not None:
+        if state.get("version") != LOADER_STATE_VERSION:
+            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
+        stream_state, skip, stats = state["stream"], int(state["skip"]), state.get("stats")
+    stream = SampleStream(sources, seed=seed, process_index=process_index, process_count=process_count,
+                          shuffle_buffer=int(cfg["shuffle_buffer"]), shuffle_shards=bool(cfg["shuffle_shards"]),
+                          epochs=cfg["epochs"], fields=_train_fields(cfg["caption_key"]), state=stream_state)
+    wcfg = {"mode": "train", **{k: cfg[k] for k in ("image_size", "caption_key", "crop_scale", "crop_ratio",
+                                                       "max_pixels", "background")}}
+    loader = Loader(items=_train_items(stream, seed, process_index), state_fn=stream.state,
+                    cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer,
+                    drop_last=True, stats=stats, skip=skip, closers=[stream.close])
+    try:
+        loader.num_samples = epoch_num_samples(sources, cfg["num_samples"])  # type: ignore[attr-defined]
+    except ShardError:
+        loader.num_samples = None  # type: ignore[attr-defined]
+    return loader
+
+
+# ----------------------------------------------------------------------------- eval
+
+def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder layout: one sub-directory per class, label = index in sorted folder order."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"evaluation folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"evaluation folder {root!r} has no class sub-directories")
+    files = []
+    for label, c in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
+            for n in sorted(names):
+                if n.lower().endswith(FOLDER_IMAGE_EXTS):
+                    files.append((os.path.join(dirpath, n), label))
+    if not files:
+        raise ValueError(f"evaluation folder {root!r} has no images ({', '.join(FOLDER_IMAGE_EXTS)})")
+    return files, classes
+
+
+def _folder_items(files: list[tuple[str, int]]) -> Iterator:
+    for path, label in files:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            yield ShardFailure(path, "unreadable_file", str(e))
+            continue
+        yield ("eval", os.path.basename(path), path, data, label, 0)
+
+
+def _shard_eval_items(urls: list[str], label_key: str) -> Iterator:
+    keep = set(IMAGE_EXTS) | {label_key}
+    for url in urls:
+        it = iter_shard(url, lambda e: e in keep)
+        try:
+            for s in it:
+                image = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                raw = s.get(label_key)
+                try:
+                    label = int(raw.decode().strip()) if raw is not None else None
+                except ValueError:
+                    label = None
+                if label is None:
+                    yield ("eval", s["__key__"], url, None, -1, 0)  # reported as missing below
+                    continue
+                yield ("eval", s["__key__"], url, image, label, 0)
+        except ShardReadError as e:
+            yield ShardFailure(e.url, e.reason, e.detail)
+
+
+def make_eval_loader(spec: Any, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                     num_workers: int = 2, **overrides: Any) -> Loader:
+    """Evaluation loader: ImageFolder directory or ``KEY.cls`` shards (CLIP_benchmark layout).
+
+    Yields ``{"image": float32 [b, H, W, 3], "label": int32 [b]}`` in a fixed order (sorted files,
+    or shards in pattern order), the last batch possibly smaller. Each process reads a disjoint part
+    (every ``process_count``-th file or shard). ``loader.classnames`` holds the folder names or the
+    lines of ``classnames.txt`` beside the shards (None if absent).
+    """
+    cfg = resolve_spec(spec, EVAL_DEFAULTS, **overrides)
+    src = cfg["source"]
+    if not src:
+        raise ValueError("eval spec has no `source`")
+    if os.path.isdir(str(src)):
+        files, classes = list_image_folder(str(src))
+        items: Iterator = _folder_items(files[process_index::process_count])
+        classnames: list[str] | None = classes
+    else:
+        urls = expand_pattern(str(src))
+        if len(urls) < process_count:
+            raise ShardError(f"{len(urls)} eval shard(s) for {process_count} processes")
+        items = _shard_eval_items(urls[process_index::process_count], cfg["label_key"])
+        names = os.path.join(os.path.dirname(urls[0]), "classnames.txt")
+        classnames = None
+        if os.path.isfile(names):
+            with open(names, encoding="utf-8") as f:
+                classnames = [ln.strip() for ln in f if ln.strip()]
+    items = _eval_labels_checked(items)
+    wcfg = {"mode": "eval", "image_size": cfg["image_size"], "max_pixels": cfg["max_pixels"],
+            "background": cfg["background"]}
+    loader = Loader(items=items, state_fn=None, cfg={**cfg, **wcfg}, batch_size=batch_size,
+                    num_workers=num_workers, drop_last=False, target_name="label",
+                    closers=[getattr(items, "close", lambda: None)])
+    loader.classnames = classnames  # type: ignore[attr-defined]
+    return loader
+
+
+def _eval_labels_checked(items: Iterator) -> Iterator:
+    for it in items:
+        if not isinstance(it, ShardFailure) and it[4] == -1:
+            yield ShardFailure(it[2], "missing_label", f"sample {it[1]!r} has no valid label")
+            continue
+        yield it
