@@ -1,0 +1,289 @@
+"""Zero-shot data sources, layouts, and end-to-end runs with encoders whose right answers are known."""
+import io
+import json
+import os
+import re
+import tarfile
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from hetclip.zero_shot import cli
+from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot.templates import imagenet_classnames, imagenet_wnids
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+WORDS = ["red", "green", "blue"]
+MEAN, STD = ds.CLIP_MEAN, ds.CLIP_STD
+
+
+# ------------------------------------------------------------------------------------------- fakes
+
+class ColourTokenizer:
+    """Words -> ids: red 1, green 2, blue 3, anything else 4; end-of-text 5; padding 0."""
+    context_length = 12
+    eos_token_id = 5
+
+    def __call__(self, texts):
+        out = np.zeros((len(texts), self.context_length), np.int32)
+        for i, t in enumerate(texts):
+            ids = [WORDS.index(w) + 1 if w in WORDS else 4 for w in re.findall(r"[a-z]+", t.lower())]
+            ids = ids[: self.context_length - 1] + [5]
+            out[i, :len(ids)] = ids
+        return out
+
+    def spec(self):
+        return {"kind": "colour-words", "context_length": self.context_length}
+
+
+def image_embeddings(images):
+    """Mean RGB of the de-normalised image: red -> (1, 0, 0) etc."""
+    rgb = jnp.asarray(images) * STD + MEAN
+    e = jnp.mean(rgb, axis=(1, 2)) + 1e-3
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+
+def text_embeddings(tokens):
+    """Bag of colour words in RGB order."""
+    t = jnp.asarray(tokens)
+    e = jnp.stack([(t == k).sum(1) for k in (1, 2, 3)], 1).astype(jnp.float32) + 1e-3
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+
+def colour_encoders():
+    return types.SimpleNamespace(
+        image_embeddings=image_embeddings, text_embeddings=text_embeddings, logit_scale=50.0,
+        image_samples=lambda x, key, s: jnp.repeat(image_embeddings(x)[:, None], s, axis=1))
+
+
+def png_bytes(colour, size=(10, 7)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_tree(root, per_class=3, colours=COLOURS):
+    for name, rgb in colours.items():
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(png_bytes(rgb, (10 + i, 7)))
+    return root
+
+
+def write_tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+def test_eval_transform_shape_and_normalisation():
+    x = ds.decode_image(png_bytes((255, 0, 0), (40, 20)), 16)
+    assert x.shape == (16, 16, 3) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, 0], (np.array([1.0, 0, 0]) - MEAN) / STD, atol=2e-2)
+    # centre crop of a left/right split image keeps both halves
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (20, 0, 40, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    y = ds.decode_image(buf.getvalue(), 10) * STD + MEAN
+    assert y[:, 0].mean() < 0.1 and y[:, -1].mean() > 0.9
+    assert ds.decode_image(buf.getvalue(), 10, resize_size=20).shape == (10, 10, 3)
+
+
+# ------------------------------------------------------------------------------------------- folders
+
+def test_imagefolder_labels_and_odd_files(tmp_path):
+    root = colour_tree(tmp_path / "d", per_class=2)
+    (root / "red" / "notes.txt").write_text("not an image")
+    (root / "red" / ".DS_Store").write_bytes(b"\0")
+    (root / "README.md").write_text("top-level files are ignored")
+    (root / "green" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    src = ds.ImageFolder(str(root))
+    assert src.classnames == ["blue", "green", "red"]
+    assert src.ignored == 1 and len(src) == 7
+    batches = ds.EvalBatches(src, 8, 4, workers=2)
+    with pytest.warns(UserWarning, match=r"unreadable image .*broken\.jpg"):
+        out = list(batches)
+    assert [b["image"].shape[0] for b in out] == [4, 2]
+    labels = np.concatenate([b["label"] for b in out])
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert len(batches.skipped) == 1 and batches.skipped[0][0].endswith("broken.jpg")
+    assert batches.num_images == 6
+    limited = ds.EvalBatches(src, 8, 4, limit=3)   # stops before reaching green/broken.jpg
+    assert sum(b["image"].shape[0] for b in limited) == 3 and limited.skipped == []
+
+
+def test_imagefolder_missing_extra_empty(tmp_path):
+    root = colour_tree(tmp_path / "d", per_class=1)
+    names = tmp_path / "names.txt"
+    names.write_text("blue thing\ngreen thing\nred thing\nyellow thing\n")
+    with pytest.raises(ValueError, match="3 class folders but 4 class names.*missing or extra"):
+        ds.ImageFolder(str(root), str(names))
+    names.write_text("blue thing\ngreen thing\n")
+    with pytest.raises(ValueError, match="3 class folders but 2 class names"):
+        ds.ImageFolder(str(root), str(names))
+    os.makedirs(root / "white")
+    names.write_text("b\ng\nr\nw\n")
+    with pytest.warns(UserWarning, match="hold no images: white"):
+        src = ds.ImageFolder(str(root), str(names))
+    assert src.classnames == ["b", "g", "r", "w"] and src.empty == ["white"]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ds.ImageFolder(str(tmp_path / "nowhere"))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    with pytest.raises(ValueError, match="one sub-folder per class"):
+        ds.ImageFolder(str(flat))
+    only_empty = tmp_path / "e"
+    os.makedirs(only_empty / "x")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no images"):
+        ds.ImageFolder(str(only_empty))
+
+
+def test_imagenet_layout_check(tmp_path):
+    wnids = imagenet_wnids()
+    root = tmp_path / "val"
+    root.mkdir()
+    for w in wnids:
+        (root / w).mkdir()
+    for k in (0, 5):
+        (root / wnids[k] / "x.png").write_bytes(png_bytes((9, 9, 9)))
+    ds.check_imagenet_layout(str(root))
+    with pytest.warns(UserWarning, match="998 class folder"):
+        src = ds.imagenet(str(root))
+    assert src.classnames == imagenet_classnames()
+    assert [label for _, label in src.files] == [0, 5]
+    os.rmdir(root / wnids[7])
+    (root / "val").mkdir()
+    with pytest.raises(ValueError, match=rf"missing 1: {wnids[7]}.*unexpected 1: val.*hint"):
+        ds.check_imagenet_layout(str(root))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"missing 1000: n01440764, .*and 990 more"):
+        ds.check_imagenet_layout(str(empty))
+
+
+# ------------------------------------------------------------------------------------------- webdataset
+
+def test_wds_classification_shards(tmp_path):
+    d = tmp_path / "wds"
+    (d / "test").mkdir(parents=True)
+    (d / "classnames.txt").write_text("red\ngreen\nblue\n")
+    samples = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        samples += [(f"s{i:03d}.png", png_bytes(rgb)), (f"s{i:03d}.cls", str(i).encode())]
+    samples += [("s100.txt", b"no image here")]
+    write_tar(d / "test" / "0.tar", samples)
+    src = ds.WdsClassification(str(d))
+    assert src.classnames == WORDS
+    with pytest.warns(UserWarning, match="s100"):
+        recs = list(src.records())
+    assert [r[2] for r in recs] == [0, 1, 2] and src.incomplete == 1
+    # brace pattern + explicit class names
+    assert len(ds.expand_shards(str(d / "test" / "{0..0}.tar"))) == 1
+    with pytest.raises(FileNotFoundError, match="1.tar"):
+        ds.expand_shards(str(d / "test" / "{0..1}.tar"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_tar(bad / "0.tar", [("a.png", png_bytes((0, 0, 0))), ("a.cls", b"7")])
+    with pytest.raises(ValueError, match=r"0\.tar: a\.cls = 7 is outside \[0, 3\)"):
+        list(ds.WdsClassification(str(bad), WORDS).records())
+    write_tar(bad / "0.tar", [("a.png", png_bytes((0, 0, 0))), ("a.cls", b"cat")])
+    with pytest.raises(ValueError, match="not an integer label"):
+        list(ds.WdsClassification(str(bad), WORDS).records())
+    with pytest.raises(ValueError, match="no class names"):
+        ds.WdsClassification(str(bad))
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+def test_run_zero_shot_colour_folders(tmp_path):
+    root = colour_tree(tmp_path / "colours", per_class=3)
+    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), None, "clip7", 16,
+                            batch_size=4, mc_samples=2, workers=2)
+    m = res["metrics"]
+    assert m["top1"] == 1.0 and m["mean_per_class_recall"] == 1.0 and m["mc_top1"] == 1.0
+    assert m["num_images"] == 9 and m["mc_nll"] == pytest.approx(m["nll"], abs=1e-5)
+    assert res["text"]["num_templates"] == 7 and res["text"]["templates"] == "clip7"
+    # shuffled class names: accuracy collapses, proving labels follow sorted folder order
+    names = tmp_path / "names.txt"
+    names.write_text("red\nblue\ngreen\n")
+    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), str(names), "bare", 16,
+                            batch_size=4)
+    assert res["metrics"]["top1"] == 0.0
+
+
+def test_run_zero_shot_wds(tmp_path):
+    d = tmp_path / "wds"
+    d.mkdir()
+    (d / "classnames.txt").write_text("Blue.\nGREEN\nred\n")
+    samples = []
+    for i, name in enumerate(["blue", "green", "red", "red"]):
+        samples += [(f"k{i}.png", png_bytes(COLOURS[name])), (f"k{i}.cls", str(["blue", "green", "red"].index(name)).encode())]
+    write_tar(d / "000.tar", samples)
+    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(d), None, "clip80", 8,
+                            canonicalize=True, batch_size=8, limit=3)
+    assert res["metrics"]["top1"] == 1.0 and res["dataset"]["images_evaluated"] == 3
+    assert res["dataset"]["kind"] == "wds" and res["text"]["canonicalize"] is True
+
+
+def test_cli_main_writes_json(tmp_path, monkeypatch, capsys):
+    root = colour_tree(tmp_path / "colours", per_class=2)
+    (root / "red" / "bad.png").write_bytes(b"garbage")
+    fake = {"encoders": colour_encoders(), "tokenizer": ColourTokenizer(), "image_size": 16, "resize_size": None,
+            "model_id": "fake@1", "info": {"checkpoint": "/ck/fake", "step": 1}}
+    monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake)
+    out = tmp_path / "r" / "results.json"
+    with pytest.warns(UserWarning, match="bad.png"):
+        cli.main(["--checkpoint", "/ck/fake", "--data", str(root), "--templates", "clip7", "--canonicalize",
+                  "--batch-size", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    printed = capsys.readouterr().out
+    assert "top1" in printed and "1.0000" in printed
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == "/ck/fake" and res["step"] == 1
+    assert res["metrics"]["top1"] == 1.0 and res["metrics"]["num_images"] == 6
+    assert res["dataset"]["root"] == str(root) and res["dataset"]["images_skipped"] == 1
+    assert res["preprocess"]["image_size"] == 16 and res["preprocess"]["crop"] == "center"
+    assert res["text"]["tokenizer"] == ColourTokenizer().spec() and res["text"]["context_length"] == 12
+    assert res["text"]["canonicalize"] is True and res["text"]["templates"] == "clip7"
+    assert len(os.listdir(tmp_path / "c")) == 1  # classifier cached
+    with pytest.raises(ValueError, match="unknown template set"):
+        cli.main(["--checkpoint", "x", "--data", str(root), "--templates", "nope"])
+    with pytest.raises(SystemExit):
+        cli.main(["--checkpoint", "x", "--data", str(root), "--batch-size", "0"])
+
+
+def test_retrieval_shards(tmp_path, monkeypatch):
+    d = tmp_path / "ret"
+    d.mkdir()
+    samples = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        samples += [(f"p{i}.png", png_bytes(rgb)), (f"p{i}.txt", f"a {name} square\n{name} {name}\n".encode())]
+    samples += [("p9.png", png_bytes((0, 0, 0))), ("p9.json", json.dumps({"captions": []}).encode())]
+    write_tar(d / "0.tar", samples)
+    with pytest.warns(UserWarning, match="p9"):
+        res = cli.run_retrieval(colour_encoders(), ColourTokenizer(), str(d / "0.tar"), 8, batch_size=2)
+    m = res["metrics"]
+    assert m["num_images"] == 3 and m["num_texts"] == 6
+    assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
+    assert res["dataset"]["samples_without_image_or_caption"] == 1
+
+
+def test_private_decoder_matches_shared(monkeypatch):
+    """The built-in fallback and ``hetclip.data.decode`` agree (when the latter exists)."""
+    yy, xx = np.mgrid[0:30, 0:45]
+    img = Image.fromarray(np.stack([xx * 5, yy * 8, xx + yy], -1).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    shared = ds.decode_image(buf.getvalue(), 16)
+    monkeypatch.setattr(ds, "_shared_decode", None)
+    private = ds.decode_image(buf.getvalue(), 16)
+    assert private.shape == shared.shape == (16, 16, 3)
+    np.testing.assert_allclose(private, shared, atol=1e-5)
