@@ -171,6 +171,8 @@ class HFTokenizer(Tokenizer):
             self._tok = _HFTok.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception on malformed files
             raise ValueError(f"HF tokenizer: cannot parse {file}: {e}") from e
+        self._tok.no_padding()  # layout (truncation, padding) is ours, not the file's
+        self._tok.no_truncation()
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (file.parent / name).is_file():
