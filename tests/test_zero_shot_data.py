@@ -287,3 +287,25 @@ def test_private_decoder_matches_shared(monkeypatch):
     private = ds.decode_image(buf.getvalue(), 16)
     assert private.shape == shared.shape == (16, 16, 3)
     np.testing.assert_allclose(private, shared, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_encoders_sharded_mc(tmp_path):
+    """A tiny random ``hetclip.model.Encoders`` (HET-XL head on) through the sharded, padded path."""
+    import jax
+    from hetclip.model import Encoders, init_params, preset
+
+    cfg = preset("tiny", embed_dim=16, het={"enabled": True, "num_factors": 2, "num_samples": 2},
+                 vision={"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "image_size": 16},
+                 text={"width": 32, "layers": 1, "heads": 2, "vocab_size": 8, "context_length": 12,
+                       "eos_token_id": 5})
+    enc = Encoders(cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    root = colour_tree(tmp_path / "colours", per_class=3)
+    kw = dict(batch_size=8, mc_samples=3, seed=1, workers=2)
+    res = cli.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, **kw)
+    m = res["metrics"]
+    assert m["num_images"] == 9 and 0.0 <= m["top1"] <= 1.0 and np.isfinite(m["mc_nll"])
+    unsharded = cli.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, shard=False, **kw)
+    for k in ("nll", "mc_nll", "ece", "mc_ece"):
+        assert unsharded["metrics"][k] == pytest.approx(m[k], rel=1e-4, abs=1e-5)
+    assert res["logit_scale"] == pytest.approx(enc.logit_scale)
