@@ -371,6 +371,7 @@ class SampleStream:
         self._buffer: list[tuple[int, int, dict]] = []  # (visit, index in shard, sample)
         self._draining = False
         self._epoch_samples = 0
+        self._failures: list[str] = []
         self._close_reader()
 
     def _close_reader(self) -> None:
@@ -407,6 +408,7 @@ class SampleStream:
                 continue
             except ShardReadError as e:
                 self._reader, self._done = None, True
+                self._failures.append(f"{e.url}: {e.reason}: {e.detail}")
                 return ShardFailure(e.url, e.reason, e.detail)
             self._offset += 1
             return sample
@@ -445,7 +447,7 @@ class SampleStream:
             if self._epoch_samples == 0 and not self._any_sample_ever:
                 raise ShardError(
                     f"epoch {self.epoch}: no sample could be read from the {len(self._visits)} shard(s) "
-                    f"of process {self.pi} (first: {self._visits[0]})")
+                    f"of process {self.pi}: " + "; ".join(self._failures[:5] or [f"{self._visits[0]}: empty"]))
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
                 raise StopIteration
             self._start_epoch(self.epoch + 1)
