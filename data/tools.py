@@ -245,7 +245,8 @@ def inspect_shards(pattern: str, *, caption_key: str = "txt", decode_images: boo
     return report
 
 
-def _print_report(report: dict, out: Any = sys.stdout) -> None:
+def _print_report(report: dict, out: Any = None) -> None:
+    out = out or sys.stdout
     print(f"shards: {report['shards']}  samples: {report['samples']}  images: {report['images']}  "
           f"captions: {report['captions']}", file=out)
     print("members: " + ", ".join(f"{k}={v}" for k, v in sorted(report["extensions"].items())), file=out)
