@@ -157,7 +157,7 @@ def to_hf_state_dict(params: Mapping, *, logit_scale: Optional[float] = None) ->
     """
     clip, _, other = split_params(params)
     if other:
-        raise UnsupportedForHF(f"parameters {_list(other)} have no place in transformers.CLIPModel "
+        raise UnsupportedForHF(f"parameters {_list(flatten(other))} have no place in transformers.CLIPModel "
                                "(logit_bias exists only for loss='sigmoid', which CLIPModel cannot represent)")
     flat = flatten(clip)
     if logit_scale is not None:
