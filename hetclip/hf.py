@@ -419,25 +419,26 @@ def normalize_hf_config(config: Mapping[str, Any]) -> dict:
 
 # ----------------------------------------------------------------------------------- import
 
-def read_hf_dir(path: str) -> tuple[dict, dict, Optional[dict], Optional[dict]]:
-    """``(config dict, state dict, het head tensors or None, het_head.json or None)`` from a saved CLIPModel."""
+def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json; not a saved transformers model directory")
     with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
-    state = _read_weights(path)
-    het, het_desc = None, None
-    if os.path.isfile(os.path.join(path, HET_HEAD_WEIGHTS)):
-        from safetensors.numpy import load_file
+        return json.load(f)
 
-        het = load_file(os.path.join(path, HET_HEAD_WEIGHTS))
-        desc_path = os.path.join(path, HET_HEAD_CONFIG)
-        if not os.path.isfile(desc_path):
-            raise FileNotFoundError(f"{path!r} has {HET_HEAD_WEIGHTS} but no {HET_HEAD_CONFIG}")
-        with open(desc_path, encoding="utf-8") as f:
-            het_desc = json.load(f)
-    return config, state, het, het_desc
+
+def read_het_head(path: str) -> tuple[Optional[dict], Optional[dict]]:
+    """``(het head tensors, het_head.json)`` beside an exported model, or ``(None, None)``."""
+    if not os.path.isfile(os.path.join(path, HET_HEAD_WEIGHTS)):
+        return None, None
+    from safetensors.numpy import load_file
+
+    desc_path = os.path.join(path, HET_HEAD_CONFIG)
+    if not os.path.isfile(desc_path):
+        raise FileNotFoundError(f"{path!r} has {HET_HEAD_WEIGHTS} but no {HET_HEAD_CONFIG}")
+    with open(desc_path, encoding="utf-8") as f:
+        desc = json.load(f)
+    return load_file(os.path.join(path, HET_HEAD_WEIGHTS)), desc
 
 
 def _read_weights(path: str) -> dict:
@@ -471,9 +472,11 @@ def params_from_hf(source, model_cfg=None, *, config: Optional[Mapping[str, Any]
     config must describe the same architecture (differences are listed). Missing/unexpected keys and
     shape mismatches raise ``WeightMismatch`` listing them all.
     """
-    het, het_desc = None, None
+    het, het_desc, path = None, None, None
     if isinstance(source, (str, os.PathLike)):
-        config, state, het, het_desc = read_hf_dir(os.fspath(source))
+        path = os.fspath(source)
+        config = read_hf_config(path)
+        het, het_desc = read_het_head(path)
     else:
         state = dict(source)
         if config is None:
@@ -483,7 +486,9 @@ def params_from_hf(source, model_cfg=None, *, config: Optional[Mapping[str, Any]
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     config = normalize_hf_config(config)
-    derived = model_config_from_hf(config, het_desc)
+    derived = model_config_from_hf(config, het_desc)  # validates the config before any weights are read
+    if path is not None:
+        state = _read_weights(path)
     if model_cfg is not None:
         diffs = _arch_differences(model_cfg, derived)
         if diffs:
