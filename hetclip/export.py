@@ -388,15 +388,19 @@ def load_checkpoint(checkpoint: str, step: Optional[int] = None):
     return model_cfg, params, tokenizer_spec, preprocess
 
 
-def export_checkpoint(checkpoint: str, fmt: str, out: str, force: bool = False, step: Optional[int] = None) -> Path:
+def export_checkpoint(checkpoint: str, fmt: str, out: str, force: bool = False, step: Optional[int] = None,
+                      platforms: Optional[Sequence[str]] = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; choose one of {FORMATS}")
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()) and not force:  # fail before loading anything
         raise FileExistsError(f"--out {out!r} is not empty; pass --force to replace it")
     model_cfg, params, tok_spec, preprocess = load_checkpoint(checkpoint, step)
-    fn = export_hf if fmt == "hf" else export_stablehlo
-    return fn(model_cfg, params, tok_spec, preprocess, out, force=force)
+    if fmt == "hf":
+        if platforms:
+            raise ValueError("--platforms applies to --format stablehlo only")
+        return export_hf(model_cfg, params, tok_spec, preprocess, out, force=force)
+    return export_stablehlo(model_cfg, params, tok_spec, preprocess, out, force=force, platforms=platforms)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -406,10 +410,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--platforms", default=None,
+                   help="stablehlo: comma-separated lowering platforms, e.g. cpu,cuda,tpu (default: this machine's)")
     args = p.parse_args(argv)
+    platforms = [x.strip() for x in args.platforms.split(",") if x.strip()] if args.platforms else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step)
+        out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step,
+                                platforms=platforms)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"hetclip-export: error: {e}", file=sys.stderr)
         return 2

@@ -332,5 +332,9 @@ def test_cli_from_checkpoint(tok, tmp_path, capsys):
     load_clip(out)
     assert export.main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert export.main(["--checkpoint", str(ckpt), "--format", "stablehlo", "--out", str(out), "--force"]) == 0
+    assert export.main(["--checkpoint", str(ckpt), "--format", "stablehlo", "--out", str(out), "--force",
+                        "--platforms", "cpu,cuda"]) == 0
     assert (out / "image_encoder.stablehlo").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "export_spec.json").read_text())["platforms"] == ["cpu", "cuda"]
+    assert export.main(["--checkpoint", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
