@@ -1,0 +1,248 @@
+"""HET-XL embedding head, temperature and the supervised DET/HET/HET-XL classifiers."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hetclip import heads as H
+from hetclip import noise as noise_lib
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _perturbed(variables, key, scale=0.3):
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _head(pe, dim=6, feat=5, r=2, init_scale=0.5):
+    head = H.HetXLEmbeddingHead(dim, H.HetConfig(enabled=True, num_factors=r, param_efficient=pe,
+                                                  init_scale=init_scale))
+    h = jax.random.normal(jax.random.key(1), (2, feat))
+    variables = _perturbed(head.init(jax.random.key(0), h), jax.random.key(2))
+    return head, variables, h
+
+
+@pytest.mark.parametrize("pe", [True, False])
+def test_head_formulas_and_empirical_covariance(pe):
+    head, variables, h = _head(pe)
+    noise = jax.jit(head.apply)(variables, h)
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables["params"])
+    hn = np.asarray(h, np.float64)
+    d = _softplus(hn @ p["diag"]["kernel"] + p["diag"]["bias"]) + 1e-3
+    low = hn @ p["low_rank"]["kernel"] + p["low_rank"]["bias"]
+    v_mat = low[:, :, None] * p["C"][None] if pe else low.reshape(2, 6, 2)
+    np.testing.assert_allclose(noise["d"], d, rtol=1e-5)
+    cov_ref = np.einsum("bdr,ber->bde", v_mat, v_mat) + np.stack([np.diag(x ** 2) for x in d])
+    np.testing.assert_allclose(noise_lib.covariance(noise), cov_ref, rtol=1e-4, atol=1e-6)
+
+    num = 40_000
+    ids = jnp.arange(2)
+
+    @jax.jit
+    def draws(key):
+        def one(s):
+            e_low, e_diag = noise_lib.standard_normals(key, s, ids, 6, 2)
+            return noise_lib.perturbation(noise, e_low, e_diag), d_only(e_low, e_diag)
+
+        def d_only(e_low, e_diag):
+            return noise["d"] * e_diag
+
+        return jax.vmap(one)(jnp.arange(num))
+
+    eps, diag_eps = (np.asarray(x, np.float64) for x in draws(jax.random.key(7)))
+    for b in range(2):
+        emp = eps[:, b].T @ eps[:, b] / num
+        rel = np.linalg.norm(emp - cov_ref[b]) / np.linalg.norm(cov_ref[b])
+        assert rel < 0.04, rel
+        # The diagonal term is really diagonal (one normal per dimension, not one broadcast scalar).
+        emp_d = diag_eps[:, b].T @ diag_eps[:, b] / num
+        corr = emp_d / np.sqrt(np.outer(np.diag(emp_d), np.diag(emp_d)))
+        assert np.abs(corr - np.eye(6)).max() < 0.04
+        np.testing.assert_allclose(np.diag(emp_d), d[b] ** 2, rtol=0.05)
+        assert np.linalg.matrix_rank(emp_d, tol=1e-3 * emp_d.max()) == 6
+
+
+@pytest.mark.parametrize("pe", [True, False])
+def test_initial_noise_is_modest(pe):
+    cfg = H.HetConfig(enabled=True, num_factors=4, param_efficient=pe, init_scale=0.1)
+    head = H.HetXLEmbeddingHead(32, cfg)
+    h = jax.random.normal(jax.random.key(0), (64, 48))  # LayerNorm-like pooled features
+    noise = jax.jit(head.apply)(head.init(jax.random.key(1), h), h)
+    stats = noise_lib.noise_scale_stats(noise)
+    assert 0.075 < float(stats["het/total_std"]) < 0.13
+    assert 0.05 < float(stats["het/diag_std"]) < 0.09
+    assert 0.04 < float(stats["het/lowrank_std"]) < 0.1
+    assert float(jnp.std(noise["d"])) > 0  # input dependent from the start
+
+
+def test_het_config_errors():
+    with pytest.raises(ValueError, match="num_samples=0 must be >= 1 when the HET-XL head is enabled"):
+        H.HetConfig(enabled=True, num_samples=0)
+    with pytest.raises(ValueError, match="num_factors=0"):
+        H.HetConfig(num_factors=0)
+    with pytest.raises(ValueError, match="init_scale=0"):
+        H.HetConfig(init_scale=0)
+
+
+# ---------- temperature ----------
+
+def test_temperature_clip_and_bounded():
+    t = H.Temperature(H.TemperatureConfig(kind="clip", init=0.07, max_scale=100.0))
+    v = t.init(jax.random.key(0))
+    assert float(v["params"]["log_scale"]) == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    assert float(t.apply(v)) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert float(t.apply({"params": {"log_scale": jnp.float32(7.0)}})) == pytest.approx(100.0, rel=1e-5)
+    g = jax.grad(lambda s: t.apply({"params": {"log_scale": s}}))(jnp.float32(7.0))
+    assert float(g) == 0.0  # clamped like CLIP
+
+    b = H.Temperature(H.TemperatureConfig(kind="bounded", init=0.07, tau_lo=0.01, tau_hi=1.0))
+    vb = b.init(jax.random.key(0))
+    assert float(b.apply(vb)) == pytest.approx(1 / 0.07, rel=1e-5)
+    for tv in (-3.0, 0.0, 2.5):
+        tau = 0.01 + 0.99 / (1 + math.exp(-tv))
+        assert float(b.apply({"params": {"t": jnp.float32(tv)}})) == pytest.approx(1 / tau, rel=1e-5)
+    assert float(b.apply({"params": {"t": jnp.float32(-80.0)}})) == pytest.approx(100.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(kind="fixed"), "kind='fixed'"),
+    (dict(kind="bounded", init=0.005, tau_lo=0.01), "tau_lo < init < tau_hi"),
+    (dict(init=-1.0), "init=-1.0"),
+])
+def test_temperature_config_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        H.TemperatureConfig(**kwargs)
+
+
+# ---------- supervised classifiers ----------
+
+def _np_log_softmax(u):
+    u = u - u.max(-1, keepdims=True)
+    return u - np.log(np.exp(u).sum(-1, keepdims=True))
+
+
+def _prob_space_reference(logit_fn, noise, key, num_samples, dim, kind, scale, batch):
+    """Probability-space MC average, sample by sample, with the same normals (float64)."""
+    ids = jnp.arange(batch)
+    acc_p = acc_q = 0.0
+    for s in range(num_samples):
+        e_low, e_diag = noise_lib.standard_normals(key, s, ids, dim, noise_lib.rank(noise))
+        eps = np.asarray(noise_lib.perturbation(noise, e_low, e_diag), np.float64)
+        u = logit_fn(eps) * scale
+        if kind == "softmax":
+            acc_p = acc_p + np.exp(_np_log_softmax(u)) / num_samples
+        else:
+            acc_p = acc_p + 1 / (1 + np.exp(-u)) / num_samples
+            acc_q = acc_q + 1 / (1 + np.exp(u)) / num_samples
+    return np.log(acc_p), (np.log(acc_q) if kind == "sigmoid" else None)
+
+
+@pytest.mark.parametrize("xl", [False, True])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("pe", [True, False])
+def test_classifier_mc_log_space_equals_probability_space(xl, kind, pe):
+    cls = H.HetXLClassifier if xl else H.HetClassifier
+    mod = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=2,
+              init_scale=1.0)
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    key = jax.random.key(9)
+    variables = _perturbed(mod.init(jax.random.key(1), x, key), jax.random.key(3), 0.5)
+    out = jax.jit(mod.apply)(variables, x, key)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+    w, b = p["classifier"]["kernel"], p["classifier"]["bias"]
+    xn = np.asarray(x, np.float64)
+    tau = 0.05 + 4.95 / (1 + np.exp(-p["temperature"]["t"]))
+    if xl:
+        fn, dim = (lambda eps: (xn + eps) @ w + b), 6
+    else:
+        fn, dim = (lambda eps: xn @ w + b + eps), 7
+    ref_p, ref_q = _prob_space_reference(fn, out["noise"], key, 5, dim, kind, 1 / tau, 4)
+    np.testing.assert_allclose(out["log_probs"], ref_p, rtol=1e-4, atol=1e-5)
+    if kind == "sigmoid":
+        np.testing.assert_allclose(out["log_1m_probs"], ref_q, rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_allclose(np.exp(out["log_probs"]).sum(-1), 1.0, atol=1e-5)
+    # Chunking over samples does not change the result.
+    one_chunk = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=5,
+                    init_scale=1.0)
+    np.testing.assert_allclose(jax.jit(one_chunk.apply)(variables, x, key)["log_probs"], out["log_probs"],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_zero_noise_equals_det(kind):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    det = H.det_log_probs(x @ w + b, kind, 2.0)
+    zero_xl = {"d": jnp.zeros((3, 5)), "v": jnp.zeros((3, 5)), "C": jnp.ones((5, 2))}
+    xl = H.hetxl_log_probs(x, zero_xl, w, b, 2.0, jax.random.key(0), 6, kind, sample_chunk=4)
+    zero_het = {"d": jnp.zeros((3, 4)), "V": jnp.zeros((3, 4, 2))}
+    het = H.het_log_probs(x @ w + b, zero_het, 2.0, jax.random.key(0), 6, kind, sample_chunk=4)
+    for key in det:
+        np.testing.assert_allclose(xl[key], det[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(het[key], det[key], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_mode_and_det_classifier():
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+    mod = H.HetXLClassifier(num_classes=4, num_factors=2, num_samples=3)
+    v = _perturbed(mod.init(jax.random.key(1), x, jax.random.key(2)), jax.random.key(3))
+    out = mod.apply(v, x, deterministic=True)
+    p = v["params"]
+    logits = x @ p["classifier"]["kernel"] + p["classifier"]["bias"]
+    scale = H.Temperature(mod.temperature).apply({"params": p["temperature"]})
+    np.testing.assert_allclose(out["log_probs"], jax.nn.log_softmax(logits * scale), rtol=1e-5, atol=1e-6)
+    det = H.DetClassifier(num_classes=4, kind="sigmoid")
+    dv = {"params": {"classifier": p["classifier"]}}
+    dout = det.apply(dv, x)
+    np.testing.assert_allclose(dout["log_probs"], jax.nn.log_sigmoid(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dout["log_1m_probs"], jax.nn.log_sigmoid(-logits), rtol=1e-5, atol=1e-6)
+
+
+def test_log_space_is_stable_for_confident_predictions():
+    logits = jnp.array([[0.0, 60.0, -60.0]])
+    noise = {"d": jnp.full((1, 3), 0.01), "V": jnp.zeros((1, 3, 1))}
+    out = H.het_log_probs(logits, noise, 20.0, jax.random.key(0), 4, "softmax")
+    assert np.all(np.isfinite(out["log_probs"]))
+    assert float(out["log_probs"][0, 2]) < -2000  # far below float32's exp underflow, still exact-ish
+    g = jax.grad(lambda l: H.het_log_probs(l, noise, 20.0, jax.random.key(0), 4, "softmax")["log_probs"][0, 0])(logits)
+    assert np.all(np.isfinite(g))
+
+
+def test_classifier_loss():
+    log_p = jnp.log(jnp.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]))
+    out = {"log_probs": log_p}
+    assert float(H.classifier_loss(out, jnp.array([1, 0]))) == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2)
+    soft = jnp.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    want = -(0.5 * math.log(0.5) + 0.5 * math.log(0.3) + math.log(0.6)) / 2
+    assert float(H.classifier_loss(out, soft)) == pytest.approx(want, rel=1e-6)
+    p = np.array([[0.9, 0.2], [0.3, 0.6]])
+    sig = {"log_probs": jnp.log(p), "log_1m_probs": jnp.log(1 - p)}
+    y = np.array([[1, 0], [1, 1]])
+    want = -np.mean(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p), -1))
+    assert float(H.classifier_loss(sig, jnp.asarray(y))) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match=r"labels shape \(2, 4\) does not match"):
+        H.classifier_loss(out, jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="integer class ids"):
+        H.classifier_loss(out, jnp.array([0.0, 1.0]))
+
+
+def test_classifier_errors():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="kind='softplus'"):
+        H.DetClassifier(num_classes=3, kind="softplus").init(jax.random.key(0), x)
+    mod = H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=2)
+    v = mod.init(jax.random.key(0), x, jax.random.key(1))
+    with pytest.raises(ValueError, match="needs a PRNG key unless deterministic=True"):
+        mod.apply(v, x)
+    with pytest.raises(ValueError, match="num_samples=0 must be >= 1"):
+        H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=0).apply(v, x, jax.random.key(1))
