@@ -358,3 +358,21 @@ def test_text_config_errors():
         towers.TextConfig(vocab_size=50, eos_token_id=50)
     with pytest.raises(ValueError, match="dtype='float16'"):
         towers.compute_dtype("float16")
+
+
+def test_bf16_matmul_gradients():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+
+    def grads(dt):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(towers.mm(a, b, dt) * ct), argnums=(0, 1)))(x, k)
+
+    (dx32, dk32), (dx16, dk16) = grads(jnp.float32), grads(jnp.bfloat16)
+    np.testing.assert_allclose(dx32, np.einsum("bto,io->bti", ct, k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk32, np.einsum("bti,bto->io", x, ct), rtol=1e-5, atol=1e-4)
+    assert dx16.dtype == jnp.float32 and dk16.dtype == jnp.float32
+    for a, b in ((dx32, dx16), (dk32, dk16)):
+        rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+        assert 0 < rel < 1e-2
