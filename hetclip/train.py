@@ -259,10 +259,10 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
 
     def step(state, batch, key):
         value, aux, grads = compute(state["params"], batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(aux, loss=value, grad_norm=grad_norm, param_norm=optax.global_norm(params))
+        metrics = dict(aux, loss=value, grad_norm=grad_norm, param_norm=optax.tree.norm(params))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
@@ -272,13 +272,18 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
 # Data
 
 
+_NOT_LOADER_KEYS = ("num_workers", "synthetic", "tokenizer")
+
+
 def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
     """The host-local batch iterator (or synthetic batches when ``data.synthetic``)."""
     if cfg.data.get("synthetic", False):
         return SyntheticBatches(cfg, tokenizer, local_batch, state)
     from hetclip.data.loader import make_train_loader
 
-    return make_train_loader(cfg.data, tokenizer, batch_size=local_batch, seed=cfg.seed,
+    spec = {k: v for k, v in cfg.data.to_dict().items() if k not in _NOT_LOADER_KEYS}
+    spec["num_samples"] = spec.get("num_samples") or None
+    return make_train_loader(spec, tokenizer, batch_size=local_batch, seed=cfg.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_workers=cfg.data.num_workers, state=state)
 
@@ -494,9 +499,13 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
     if latest is not None:
         with_shard = lambda tree, sh: jax.tree.map(  # noqa: E731
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-        restored = ckpt.restore(latest, abstract_params=with_shard(abstract, p_shard),
-                                abstract_opt_state=with_shard(o_abstract, o_shard),
-                                abstract_rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        try:
+            restored = ckpt.restore(latest, abstract_params=with_shard(abstract, p_shard),
+                                    abstract_opt_state=with_shard(o_abstract, o_shard),
+                                    abstract_rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"the checkpoint at step {latest} in {ckpt.directory} does not fit this config's "
+                                f"model/optimizer (was the model or optimizer changed?): {str(e)[:800]}") from None
         params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
         start_step, data_state = restored["step"], restored["data"]
         if main:
@@ -593,15 +602,20 @@ def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings):
 def evaluate(run: Run, params, step: int, writer, bar) -> dict:
     """Zero-shot accuracy on the configured tasks (the periodic hook and the end of training)."""
     from hetclip.model import Encoders
-    from hetclip.zero_shot.evaluate import run_zero_shot
+    from hetclip.zero_shot.cli import run_zero_shot
 
     enc = Encoders(run.model_cfg, jax.device_get(params))
     results = {}
     for task in run.cfg.eval.tasks:
-        res = run_zero_shot(enc, run.tokenizer, task.dir, classnames=task.get("classnames"),
-                            templates=task.get("templates"), image_size=run.model_cfg.vision.image_size,
+        if not task.dir:
+            raise config_lib.ConfigError(f"eval task {task.name!r} has no dir; set --config.eval.tasks... dir or "
+                                         "remove the task")
+        out = run_zero_shot(enc, run.tokenizer, task.dir, classnames=task.get("classnames") or None,
+                            templates=task.get("templates") or "clip80",
+                            image_size=run.model_cfg.vision.image_size, imagenet=task.get("classnames") == "imagenet",
                             batch_size=run.cfg.eval.batch_size, mc_samples=run.cfg.eval.mc_samples,
-                            limit=run.cfg.eval.get("limit") or None)
+                            limit=run.cfg.eval.get("limit") or None, seed=run.cfg.seed)
+        res = out["metrics"]
         results[task.name] = res
         scalars = {f"zero_shot/{task.name}/{k}": v for k, v in _flat_scalars(res).items()}
         writer.write(step, scalars)
@@ -635,7 +649,7 @@ def export(run: Run, workdir: str) -> dict:
     from hetclip import export as export_lib
 
     out = os.path.join(workdir, run.cfg.export.get("dir") or f"export_{run.cfg.export.format}")
-    export_lib.export_checkpoint(workdir, out, fmt=run.cfg.export.format, force=True)
+    export_lib.export_checkpoint(workdir, run.cfg.export.format, out, force=True)
     return {"format": run.cfg.export.format, "dir": out}
 
 

@@ -1,0 +1,173 @@
+"""Training: the step (1 vs 8 devices, accumulation), optimizer pieces, guards, resume."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from hetclip import config as config_lib
+from hetclip import distributed as dist
+from hetclip import train as train_lib
+from hetclip.configs._base import base_config
+from hetclip.data.bpe import train_bpe
+from hetclip.data.tokenizers import load_tokenizer
+
+WORDS = "a photo of the red green blue small large circle square triangle star on background".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=6)) for _ in range(300)]
+    train_bpe(texts, out, vocab_size=600, context_length=16)
+    return str(out)
+
+
+def tiny_config(tokenizer_dir, *, het=False, loss="softmax", batch=16, steps=6):
+    c = base_config("tiny", het=het, vision=dict(width=32, layers=1, heads=2, patch_size=8, image_size=16),
+                    text=dict(width=32, layers=1, heads=2, context_length=16), embed_dim=16, loss=loss)
+    with c.unlocked():
+        c.model.het.update(num_factors=3, num_samples=4 if het else 0, sample_chunk=3)
+        c.batch_size = batch
+        c.total_steps = steps
+        c.log_every = 1
+        c.tensorboard = False
+        c.optim.update(lr=1e-3, warmup_steps=2)
+        c.data.update(image_size=16, synthetic=True, num_workers=0,
+                      tokenizer=dict(kind="hf", path=tokenizer_dir, context_length=16, lower_case=True))
+        c.checkpoint.update(every_steps=2, keep=2, async_save=False)
+        c.eval.update(at_end=False)
+    c.lock()
+    return c
+
+
+def _batch(cfg, tok, n, seed=0):
+    rng = np.random.default_rng(seed)
+    s = cfg.data.image_size
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 8))) for _ in range(n)]
+    return {"image": rng.standard_normal((n, s, s, 3)).astype(np.float32), "text": tok(texts)}
+
+
+def _step_once(cfg, tok, devices, accum=1, seed=0):
+    mcfg = train_lib.model_config(cfg, tok)
+    mesh = dist.make_mesh(-1, 1, devices=devices)
+    from hetclip.model import init_params
+
+    params = init_params(mcfg, jax.random.key(1))
+    opt, _ = train_lib.make_optimizer(cfg, params, cfg.total_steps)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
+    step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum))
+    batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed), mesh)
+    new, metrics = step(state, batch, jax.random.key(7))
+    return jax.device_get(new["params"]), jax.device_get(metrics)
+
+
+def _close(a, b, rtol=2e-4, atol=2e-6):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("het,loss", [(False, "softmax"), (True, "softmax"), (False, "sigmoid")])
+def test_one_step_on_8_devices_equals_one_device(tokenizer_dir, het, loss):
+    cfg = tiny_config(tokenizer_dir, het=het, loss=loss)
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    p1, m1 = _step_once(cfg, tok, jax.devices()[:1])
+    p8, m8 = _step_once(cfg, tok, jax.devices()[:8])
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    _close(p1, p8)
+
+
+@pytest.mark.parametrize("het", [False, True])
+def test_gradient_accumulation_keeps_whole_batch_negatives(tokenizer_dir, het):
+    cfg = tiny_config(tokenizer_dir, het=het)
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    p1, m1 = _step_once(cfg, tok, jax.devices()[:2], accum=1)
+    p4, m4 = _step_once(cfg, tok, jax.devices()[:2], accum=4)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+    _close(p1, p4)
+
+
+def test_micro_split_and_merge_are_inverse():
+    x = jnp.arange(48).reshape(24, 2)
+    y = train_lib._micro_split(x, 3, 4)
+    assert y.shape == (3, 8, 2)
+    # micro-batch 0 takes the first 2 rows of each of the 4 device shards
+    np.testing.assert_array_equal(y[0, :, 0], [0, 2, 12, 14, 24, 26, 36, 38])
+    np.testing.assert_array_equal(train_lib._micro_merge(y, 4), x)
+
+
+def test_weight_decay_mask_groups_and_freezing(tokenizer_dir):
+    cfg = tiny_config(tokenizer_dir)
+    with cfg.unlocked():
+        cfg.freeze.image = True
+        cfg.optim.lr_mults.text = 0.0
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    p0 = jax.device_get(__import__("hetclip.model", fromlist=["x"]).init_params(
+        train_lib.model_config(cfg, tok), jax.random.key(1)))
+    p1, _ = _step_once(cfg, tok, jax.devices()[:1])
+    _close(p0["vision_model"], p1["vision_model"], rtol=0, atol=0)
+    _close(p0["text_model"], p1["text_model"], rtol=0, atol=0)
+    assert not np.array_equal(p0["temperature"]["log_scale"], p1["temperature"]["log_scale"])
+
+
+def test_schedule_warmup_then_cosine():
+    o = ml_collections.ConfigDict(dict(lr=1.0, warmup_init_lr=0.1, warmup_steps=10, schedule="cosine",
+                                       end_lr=0.0, rsqrt_timescale=10))
+    s = train_lib.make_schedule(o, 110)
+    assert float(s(0)) == pytest.approx(0.1)
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.5, abs=1e-3)
+    assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(config_lib.ConfigError, match="warmup_steps"):
+        train_lib.make_schedule(o, 5)
+
+
+def test_bad_batch_for_mesh_is_a_clear_error(tokenizer_dir, tmp_path):
+    cfg = tiny_config(tokenizer_dir, batch=12)
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        train_lib.train(cfg, str(tmp_path / "w"), progress=False)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_resume_and_config_guard(tokenizer_dir, tmp_path):
+    cfg = tiny_config(tokenizer_dir, het=True, steps=6)
+    straight = str(tmp_path / "straight")
+    train_lib.train(cfg, straight, progress=False)
+    resumed = str(tmp_path / "resumed")
+    train_lib.train(cfg, resumed, progress=False, max_steps=4)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints")))[-1] == "4"
+    train_lib.train(cfg, resumed, progress=False)
+    a = {r["step"]: r["loss"] for r in _metrics(straight)}
+    b = {r["step"]: r["loss"] for r in _metrics(resumed)}
+    assert set(a) == set(b) == set(range(1, 7))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-5), s
+    changed = config_lib.apply_overrides(cfg, ["optim.lr=0.5"])
+    with pytest.raises(config_lib.ConfigError, match="optim.lr: 0.001 -> 0.5"):
+        train_lib.train(changed, resumed, progress=False)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path):
+    cfg = tiny_config(tokenizer_dir, steps=8)
+    work = str(tmp_path / "w")
+    train_lib.train(cfg, work, progress=False, max_steps=2)
+    ckpt_dir = os.path.join(work, "checkpoints", "2")
+    before = sorted(os.listdir(ckpt_dir))
+    bad = config_lib.apply_overrides(cfg, ["optim.lr=1e30"])
+    with pytest.raises(train_lib.TrainingError, match=r"non-finite .* at step 3"):
+        train_lib.train(bad, work, progress=False, allow_config_change=True)
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]
+    assert sorted(os.listdir(ckpt_dir)) == before
+    from hetclip.checkpoint import load_params
+
+    step, params, _ = load_params(work)
+    assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
