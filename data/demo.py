@@ -135,7 +135,8 @@ def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
     """(float32 [S, S, 3] background in [0, 255], kind, caption word)."""
     names = list(BACKGROUNDS)
-    kind = ("solid", "gradient", "noise")[int(rng.choice(3, p=(0.4, 0.3, 0.3)))]
+    u = rng.random()
+    kind = "solid" if u < 0.4 else "gradient" if u < 0.7 else "noise"
     name = names[int(rng.integers(len(names)))]
     base = np.array(BACKGROUNDS[name], np.float32)
     if kind == "solid":
@@ -163,7 +164,8 @@ def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *,
                  faded_prob: float = 0.2, supersample: int = 2) -> tuple[np.ndarray, dict]:
     """Render one scene; returns (uint8 [S, S, 3] image, attributes dict)."""
     if count is None:
-        count = int(rng.choice([1, 2, 3], p=(0.5, 0.3, 0.2)))
+        u = rng.random()
+        count = 1 if u < 0.5 else 2 if u < 0.8 else 3
     allowed = ["small", "medium", "large"] if count == 1 else ["small", "medium"]
     size_word = allowed[int(rng.integers(len(allowed)))]
     lo, hi = SIZES[size_word]
@@ -186,18 +188,24 @@ def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *,
         _draw_object(draw, shape, cx * ss, cy * ss, r * ss, angle)
     if ss > 1:
         mask_img = mask_img.resize((size, size), Image.BOX)
-    m = np.asarray(mask_img, np.float32) * (1.0 / 255.0)
-    img = bg + (rgb - bg) * (alpha * m)[..., None]  # convex blend: stays in [0, 255]
-    inside = m > 0
-    w = m[inside]
-    diff = np.sqrt(((rgb - bg[inside]) ** 2).sum(-1)) / (255.0 * math.sqrt(3.0))
-    contrast = alpha * float((diff * w).sum() / max(float(w.sum()), 1e-6))
+    img = (bg + 0.5).astype(np.uint8)
+    box = mask_img.getbbox()
+    contrast = 0.0
+    if box is not None:  # blend inside the objects' bounding box only (convex blend: stays in [0, 255])
+        x0, y0, x1, y1 = box
+        m = np.asarray(mask_img.crop(box), np.float32) * (1.0 / 255.0)
+        under = bg[y0:y1, x0:x1]
+        img[y0:y1, x0:x1] = (under + (rgb - under) * (alpha * m)[..., None] + 0.5).astype(np.uint8)
+        inside = m > 0
+        w = m[inside]
+        diff = np.sqrt(((rgb - under[inside]) ** 2).sum(-1)) / (255.0 * math.sqrt(3.0))
+        contrast = alpha * float((diff * w).sum() / max(float(w.sum()), 1e-6))
     cx, cy, _ = placed[0]
     attrs = {"shape": shape, "color": color, "count": count, "size": size_word,
              "radius": round(float(np.mean([p[2] for p in placed])) / size, 4), "faded": faded,
              "alpha": round(alpha, 3), "contrast": round(contrast, 4), "background": bg_kind,
              "background_word": bg_word, "position": _position(cx / size, cy / size) if count == 1 else None}
-    return (img + 0.5).astype(np.uint8), attrs
+    return img, attrs
 
 
 def _position(x: float, y: float) -> str:
