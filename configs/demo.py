@@ -2,7 +2,7 @@
 
     hetclip-train --config demo                 # DET
     hetclip-train --config demo:het             # HET-XL head
-    hetclip-train --config demo:het --config.demo.params.caption_noise=0.3
+    hetclip-train --config demo:het --config.demo.params.noise_prob=0.3
 
 Generates the demo data if missing (``demo.dir``), trains, evaluates zero-shot on the held-out
 split (by shape, colour, and shape+colour including unseen pairs) and exports to Hugging Face format.
@@ -28,5 +28,5 @@ def get_config(arg: str = ""):
     c.checkpoint.update(every_steps=200, keep=2)
     c.eval.update(every_steps=0, at_end=True, batch_size=256, mc_samples=16 if het else 0)
     c.export.update(format="hf", dir="export_hf")
-    c.demo.update(enabled=True, dir="demo_data", params=dict(seed=0, caption_noise=0.0))
+    c.demo.update(enabled=True, dir="demo_data", params=dict(seed=0, noise_prob=0.0))
     return c

@@ -345,16 +345,29 @@ def _prepare_demo(cfg) -> ml_collections.ConfigDict:
         return cfg
     from hetclip.data import demo
 
+    root = os.path.abspath(os.path.expanduser(cfg.demo.dir or "demo_data"))
     params = cfg.demo.params.to_dict()
     if dist.is_main_process():
-        paths = demo.ensure_demo(os.path.expanduser(cfg.demo.dir), **params)
+        t0 = time.perf_counter()
+        fresh = demo.read_manifest(root) is None
+        paths = demo.ensure_demo(root, workers=max(1, min(4, os.cpu_count() or 1)), **params)
+        if fresh:
+            log.info("generated the demo data in %s (%.0f s)", root, time.perf_counter() - t0)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("demo-data")
-    if not dist.is_main_process():
-        paths = demo.ensure_demo(os.path.expanduser(cfg.demo.dir), **params)
-    return demo.apply_to_config(cfg, paths)
+        if not dist.is_main_process():
+            paths = demo.ensure_demo(root, **params)
+    d = cfg.to_dict()
+    d["data"]["shards"] = paths.train_pattern
+    d["data"]["tokenizer"]["path"] = paths.tokenizer
+    d["eval"]["tasks"] = [dict(name=t, dir=paths.eval_dirs[t],
+                               classnames=os.path.join(paths.eval_dirs[t], "classnames.txt"),
+                               templates=os.path.join(paths.eval_dirs[t], "templates.txt")) for t in demo.TASKS]
+    out = ml_collections.ConfigDict(d)
+    out.lock()
+    return out
 
 
 def _preprocess(cfg) -> dict:
