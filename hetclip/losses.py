@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -95,7 +96,7 @@ def _check_noise(noise, batch: int, dim: int) -> None:
 def _check_count(name: str, value, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
 
 
@@ -144,13 +145,14 @@ def _chunked(fn: Callable, xs, chunk: Optional[int]):
     n = xs.shape[0]
     c = n if chunk is None else min(chunk, n)
     n_full, rem = divmod(n, c)
-    fn = jax.checkpoint(fn)
+    # inside a loop CSE cannot merge the recomputation with the forward pass, so it may stay on
+    single, looped = jax.checkpoint(fn), jax.checkpoint(fn, prevent_cse=False)
     full = None
     if n_full == 1:
-        full = jax.tree.map(lambda y: y[None], fn(xs[:c]))
+        full = jax.tree.map(lambda y: y[None], single(xs[:c]))
     elif n_full > 1:
-        full = jax.lax.map(fn, xs[: n_full * c].reshape((n_full, c) + xs.shape[1:]))
-    tail = fn(xs[n_full * c:]) if rem else None
+        full = jax.lax.map(looped, xs[: n_full * c].reshape((n_full, c) + xs.shape[1:]))
+    tail = single(xs[n_full * c:]) if rem else None
     return full, tail
 
 

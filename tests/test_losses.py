@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from hetclip import losses as L
 from hetclip import noise as noise_lib
@@ -291,3 +291,19 @@ def test_sharded_bad_inputs():
         L.sharded(L.clip_loss, mesh, axis_name="data")
     with pytest.raises(ValueError, match="batch sizes differ"):
         L.sharded(L.clip_loss, mesh)(mean[:8], txt[:4], scale)
+
+
+@pytest.mark.parametrize("loss", ["clip", pytest.param("hetxl", marks=pytest.mark.slow)])
+def test_gradients_under_shard_map_without_vma_checks(loss):
+    """The trainer calls the losses inside its own ``shard_map(..., check_vma=False)``."""
+    mean, noise, txt, scale, key = _inputs(n=16)
+    if loss == "clip":
+        fn = functools.partial(L.clip_loss, axis_name="data", class_chunk=3)
+        args, specs, ref = (mean, txt, scale), (P("data"), P("data"), P()), L.clip_loss_naive
+    else:
+        fn = functools.partial(L.hetxl_loss, axis_name="data", num_samples=3, sample_chunk=2)
+        args = (mean, noise, txt, scale, key)
+        specs = (P("data"), {"d": P("data"), "v": P("data"), "C": P()}, P("data"), P(), P())
+        ref = functools.partial(L.hetxl_loss_naive, num_samples=3)
+    multi = jax.shard_map(fn, mesh=_mesh8(), in_specs=specs, out_specs=(P(), P()), check_vma=False)
+    _grad_both(ref, multi, args, (0, 1, 2, 3) if loss == "hetxl" else (0, 1, 2))
