@@ -86,11 +86,12 @@ def run_case(loss, impl, n, s, args, ns):
         return rec
     call = lambda: jax.block_until_ready(compiled(mean, noise, txt, scale))
     t0 = time.perf_counter()
-    out = call()  # warm-up
+    out = call()  # warm-up (the program is already compiled)
     first = time.perf_counter() - t0
-    repeats = args.repeats if first < args.slow_call_s else 1
     times = []
-    for _ in range(repeats):
+    if first >= args.slow_call_s:  # a slow call: the warm-up itself is the measurement
+        times.append(first)
+    for _ in range(args.repeats if first < args.slow_call_s else 0):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -138,7 +139,10 @@ def main(argv=None):
     p.add_argument("--class-chunk", type=int, default=1024)
     p.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--slow-call-s", type=float, default=15.0, help="one timed repeat only when a call is slower")
+    p.add_argument("--slow-call-s", type=float, default=15.0,
+                   help="when the warm-up call is slower than this, it is the only timed call")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing bench_losses.json in --out (same cases are replaced)")
     p.add_argument("--naive-limit-gib", type=float, default=0.5)
     p.add_argument("--impls", nargs="*", default=["chunked", "naive"], choices=["chunked", "naive"])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -153,23 +157,31 @@ def main(argv=None):
             "cpus": os.cpu_count(), "dim": args.dim, "rank": args.rank, "sample_chunk": args.sample_chunk,
             "class_chunk": args.class_chunk, "matmul_dtype": args.matmul_dtype}
     records = []
+    json_path = os.path.join(args.out, "bench_losses.json")
+    if args.append and os.path.exists(json_path):
+        with open(json_path) as fh:
+            old = json.load(fh)
+        records = old["records"]
+        meta["command"] = old["meta"]["command"] + "; " + meta["command"]
+    case_key = lambda r: (r["loss"], r["impl"], r["N"], r["S"])
     cases = []
     for n in sizes:
         for impl in args.impls:
             cases.append(("det", impl, n, 1))
             cases += [("hetxl", impl, n, s) for s in samples]
     t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     for loss, impl, n, s in cases:
         rec = run_case(loss, impl, n, s, args, ns)
-        records.append(rec)
+        records = [r for r in records if case_key(r) != case_key(rec)] + [rec]
+        records.sort(key=lambda r: (r["N"], r["impl"], r["loss"], r["S"]))
         print(json.dumps(rec), flush=True)
-    meta["total_s"] = round(time.perf_counter() - t_start, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_losses.json"), "w") as fh:
-        json.dump({"meta": meta, "records": records}, fh, indent=1)
-    table = markdown(records, meta)
-    with open(os.path.join(args.out, "bench_losses.md"), "w") as fh:
-        fh.write(table)
+        meta["run_s"] = round(time.perf_counter() - t_start, 1)
+        with open(json_path, "w") as fh:  # after every case, so a long run can be stopped
+            json.dump({"meta": meta, "records": records}, fh, indent=1)
+        table = markdown(records, meta)
+        with open(os.path.join(args.out, "bench_losses.md"), "w") as fh:
+            fh.write(table)
     print(table)
 
 
