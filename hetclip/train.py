@@ -289,13 +289,20 @@ def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
 
 
 class SyntheticBatches:
-    """Random batches of the right shapes (throughput benchmarks with the input pipeline off)."""
+    """Random batches of the right shapes (throughput benchmarks with the input pipeline off).
+
+    The global batch depends only on the seed; each process takes its own rows of it, so runs on
+    one or several processes see the same data.
+    """
 
     def __init__(self, cfg, tokenizer, local_batch: int, state: dict | None):
-        rng = np.random.default_rng(cfg.seed + jax.process_index())
+        rng = np.random.default_rng(cfg.seed)
         s = cfg.data.image_size
-        self._batch = {"image": rng.standard_normal((local_batch, s, s, 3), dtype=np.float32),
-                       "text": tokenizer([f"synthetic caption {i}" for i in range(local_batch)])}
+        n = local_batch * jax.process_count()
+        rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+        images = rng.standard_normal((n, s, s, 3), dtype=np.float32)
+        texts = [f"synthetic caption {i % 97} {i // 97}" for i in range(n)]
+        self._batch = {"image": images[rows], "text": tokenizer(texts[rows])}
         self._count = int((state or {}).get("batches", 0))
 
     def __iter__(self):

@@ -52,12 +52,13 @@ def _batch(cfg, tok, n, seed=0):
     return {"image": rng.standard_normal((n, s, s, 3)).astype(np.float32), "text": tok(texts)}
 
 
-def _step_once(cfg, tok, devices, accum=1, seed=0):
+def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1):
     mcfg = train_lib.model_config(cfg, tok)
-    mesh = dist.make_mesh(-1, 1, devices=devices)
+    mesh = dist.make_mesh(-1, fsdp, devices=devices)
     from hetclip.model import init_params
 
     params = init_params(mcfg, jax.random.key(1))
+    params = jax.device_put(params, dist.tree_shardings(mesh, params))
     opt, _ = train_lib.make_optimizer(cfg, params, cfg.total_steps)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
     step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum))
@@ -79,6 +80,25 @@ def test_one_step_on_8_devices_equals_one_device(tokenizer_dir, het, loss):
     p8, m8 = _step_once(cfg, tok, jax.devices()[:8])
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     _close(p1, p8)
+
+
+def test_fsdp_mesh_step_equals_one_device(tokenizer_dir):
+    cfg = tiny_config(tokenizer_dir, het=True)
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    p1, m1 = _step_once(cfg, tok, jax.devices()[:1])
+    p8, m8 = _step_once(cfg, tok, jax.devices()[:8], fsdp=4)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    _close(p1, p8)
+
+
+def test_fsdp_rule_shards_large_params_only():
+    from jax.sharding import PartitionSpec as P
+
+    assert dist.fsdp_spec((512, 2048), 4) == P(None, "fsdp")
+    assert dist.fsdp_spec((6, 4096), 4) == P(None, "fsdp")
+    assert dist.fsdp_spec((10,), 4) == P()
+    assert dist.fsdp_spec((4099, 3), 4) == P()
+    assert dist.fsdp_spec((512, 2048), 1) == P()
 
 
 @pytest.mark.parametrize("het", [False, True])
