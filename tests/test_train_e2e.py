@@ -148,6 +148,19 @@ def test_main_job_trains_evaluates_and_exports(tmp_path):
     model = CLIPModel.from_pretrained(export_dir)
     assert model.config.projection_dim == 16
 
+    # zero-shot from the checkpoint and from the exported directory agree
+    from hetclip.zero_shot.cli import main as zero_shot_main
+
+    shape_dir = summary_eval_dir = os.path.join(str(tmp_path.parent / "shared_demo"), "eval", "shape")
+    common = ["--data", shape_dir, "--classnames", os.path.join(summary_eval_dir, "classnames.txt"),
+              "--templates", os.path.join(shape_dir, "templates.txt"), "--limit", "16", "--no-progress",
+              "--batch-size", "8"]
+    from_ckpt = zero_shot_main(["--checkpoint", work, "--out", str(tmp_path / "a.json"), *common])
+    from_export = zero_shot_main(["--checkpoint", export_dir, "--out", str(tmp_path / "b.json"), *common])
+    assert from_ckpt["dataset"]["images_evaluated"] == 16
+    for k in ("top1", "top5", "nll"):
+        assert from_export["metrics"][k] == pytest.approx(from_ckpt["metrics"][k], rel=1e-4, abs=1e-6)
+
 
 def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
     cfg = write_config(tmp_path)

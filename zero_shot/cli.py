@@ -114,8 +114,7 @@ def load_checkpoint(path: str, step: Optional[int] = None) -> Dict[str, Any]:
 
     if os.path.isfile(os.path.join(path, "config.json")) and \
             os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise ValueError(f"{path!r} is a Hugging Face export; evaluate the training checkpoint it came from "
-                         "(loading exported directories is not supported yet)")
+        return _load_hf_export(path)
     cfg, params, tok_spec, preprocess, meta = load_encoders(path, step)
     image_size = int(preprocess.get("image_size", cfg.vision.image_size))
     info = {"checkpoint": meta.get("checkpoint", os.path.abspath(path)), "step": meta.get("step"),
@@ -123,6 +122,32 @@ def load_checkpoint(path: str, step: Optional[int] = None) -> Dict[str, Any]:
     return {"encoders": Encoders(cfg, params), "tokenizer": load_tokenizer(tok_spec), "image_size": image_size,
             "resize_size": preprocess.get("resize_size"),
             "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
+
+
+def _load_hf_export(path: str) -> Dict[str, Any]:
+    """A directory written by ``hetclip-export --format hf`` (or any HF CLIP directory with a fast tokenizer)."""
+    import json
+
+    from hetclip.data.tokenizers import load_tokenizer
+    from hetclip.hf import params_from_hf
+    from hetclip.model import Encoders
+
+    params, cfg = params_from_hf(path)
+    image_size = cfg.vision.image_size
+    resize_size = None
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(pre_path):
+        with open(pre_path, encoding="utf-8") as f:
+            pre = json.load(f)
+        crop = pre.get("crop_size", image_size)
+        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
+        size = pre.get("size")
+        if isinstance(size, dict) and "shortest_edge" in size:
+            resize_size = int(size["shortest_edge"])
+    tok = load_tokenizer(path, context_length=cfg.text.context_length)
+    info = {"checkpoint": os.path.abspath(path), "step": None, "format": "hf_export"}
+    return {"encoders": Encoders(cfg, params), "tokenizer": tok, "image_size": image_size,
+            "resize_size": resize_size, "model_id": f"hf:{info['checkpoint']}", "info": info}
 
 
 def _table(rows: Dict[str, Any]) -> str:
