@@ -96,13 +96,18 @@ def make_schedule(o: ml_collections.ConfigDict, total_steps: int):
     return optax.join_schedules([warmup, decay], [warm]) if warm else decay
 
 
+GROUPS = ("image", "text", "head", "temperature")
+
+
 def param_group(path: tuple[str, ...]) -> str:
     top = path[0]
     if top in ("vision_model", "visual_projection"):
         return "image"
     if top in ("text_model", "text_projection"):
         return "text"
-    return "head"  # het_head, temperature, logit_bias
+    if top == "temperature":
+        return "temperature"
+    return "head"  # het_head, logit_bias
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -113,7 +118,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
     """AdamW (paper defaults) with clipping, weight-decay mask, per-tower lr multipliers and freezing."""
     o = cfg.optim
     schedule = make_schedule(o, total_steps)
-    frozen = {g for g in ("image", "text", "head") if cfg.freeze.get(g, False)}
+    frozen = {g for g in GROUPS if cfg.freeze.get(g, False)}
 
     def label(path, x):
         g = param_group(_path_names(path))
@@ -123,7 +128,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
     # Decay matrices only: not biases, LayerNorm, the class token, the temperature or SigLIP bias.
     decay_mask = jax.tree.map(lambda x: np.ndim(x) >= 2, params)
     transforms = {"frozen": optax.set_to_zero()}
-    for g in ("image", "text", "head"):
+    for g in GROUPS:
         mult = float(o.lr_mults.get(g, 1.0))
         transforms[g] = optax.adamw(lambda s, m=mult: schedule(s) * m, b1=o.b1, b2=o.b2, eps=o.eps,
                                     weight_decay=o.weight_decay, mask=decay_mask)
