@@ -632,6 +632,7 @@ def evaluate(run: Run, params, step: int, writer, bar) -> dict:
     enc = Encoders(run.model_cfg, jax.device_get(params))
     results = {}
     for task in run.cfg.eval.tasks:
+        task = ml_collections.ConfigDict(dict(task))
         if not task.dir:
             raise config_lib.ConfigError(f"eval task {task.name!r} has no dir; set --config.eval.tasks... dir or "
                                          "remove the task")
