@@ -102,5 +102,13 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def barrier(name: str) -> None:
+    """All processes wait here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0

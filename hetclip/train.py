@@ -365,12 +365,9 @@ def _prepare_demo(cfg) -> ml_collections.ConfigDict:
         paths = demo.ensure_demo(root, workers=max(1, min(4, os.cpu_count() or 1)), **params)
         if fresh:
             log.info("generated the demo data in %s (%.0f s)", root, time.perf_counter() - t0)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("demo-data")
-        if not dist.is_main_process():
-            paths = demo.ensure_demo(root, **params)
+    dist.barrier("demo-data")
+    if not dist.is_main_process():
+        paths = demo.ensure_demo(root, **params)
     d = cfg.to_dict()
     d["data"]["shards"] = paths.train_pattern
     d["data"]["tokenizer"]["path"] = paths.tokenizer
@@ -404,6 +401,7 @@ def _copy_tokenizer(tokenizer, workdir: str):
             os.makedirs(tmp)
             shutil.copy2(src, tmp)
         os.replace(tmp, dst)
+    dist.barrier("tokenizer-copy")
     key = "path" if "path" in spec else "directory"
     spec[key] = dst if os.path.isdir(src) else os.path.join(dst, os.path.basename(src))
     return load_tokenizer(spec), spec
@@ -515,7 +513,8 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
     o_shard = dist.tree_shardings(mesh, o_abstract)
     opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
     rep = dist.replicated(mesh)
-    rng = jax.random.key_data(loop_key)
+    # A replicated global array, so orbax can save it from several processes.
+    rng = jax.make_array_from_process_local_data(rep, np.asarray(jax.random.key_data(loop_key)))
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
