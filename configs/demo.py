@@ -20,12 +20,12 @@ def get_config(arg: str = ""):
     if het:
         c.model.het.update(num_factors=8, num_samples=8, sample_chunk=8)
     c.batch_size = 128
-    c.total_steps = 600
+    c.total_steps = 300
     c.log_every = 10
-    c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
+    c.optim.update(lr=1e-3, warmup_steps=30, weight_decay=0.1, grad_clip=1.0)
     c.data.update(image_size=64, crop_scale=(0.8, 1.0), shuffle_buffer=2000, num_workers=2,
                   tokenizer=dict(kind="hf", path="", context_length=24, lower_case=True))
-    c.checkpoint.update(every_steps=200, keep=2)
+    c.checkpoint.update(every_steps=100, keep=2)
     c.eval.update(every_steps=0, at_end=True, batch_size=256, mc_samples=16 if het else 0)
     c.export.update(format="hf", dir="export_hf")
     c.demo.update(enabled=True, dir="demo_data", params=dict(seed=0, noise_prob=0.0))
