@@ -189,20 +189,23 @@ class SelfAttention(nn.Module):
         out_std = attn_std * (2 * self.layers) ** -0.5
         init = nn.initializers.normal(attn_std)
 
-        def split(y):
-            return y.reshape(b, t, self.heads, hd)
+        def heads_major(y):  # [b, t, W] -> [b, heads, t, hd]
+            return y.reshape(b, t, self.heads, hd).transpose(0, 2, 1, 3)
 
-        q = split(Dense(self.width, dtype=self.dtype, kernel_init=init, name="q_proj")(x))
-        k = split(Dense(self.width, dtype=self.dtype, kernel_init=init, name="k_proj")(x))
-        v = split(Dense(self.width, dtype=self.dtype, kernel_init=init, name="v_proj")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", (q * hd ** -0.5).astype(self.dtype), k.astype(self.dtype),
+        # Attention runs in the [b, heads, t, hd] layout: XLA:CPU's batched dots are about twice as
+        # fast with the batch dimensions leading as with "bqhd,bkhd" operands (bench/README.md).
+        q = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="q_proj")(x))
+        k = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="k_proj")(x))
+        v = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="v_proj")(x))
+        logits = jnp.einsum("bhqd,bhkd->bhqk", (q * hd ** -0.5).astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         if self.causal:
             mask = jnp.tril(jnp.ones((t, t), dtype=bool))
             logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v.astype(self.dtype),
-                         preferred_element_type=jnp.float32).reshape(b, t, self.width)
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, self.width)
         return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
                      name="out_proj")(ctx)
 
