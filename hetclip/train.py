@@ -168,19 +168,23 @@ def make_loss(model_cfg: ModelConfig, mesh):
     het = model_cfg.het
     axes = dist.BATCH_AXES
     batch_spec = P(axes)
+    # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX); logsumexps stay fp32.
+    mm = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
 
     def local(emb, shared, key):
         scale = shared["scale"]
         if model_cfg.loss == "sigmoid":
             return losses.siglip_loss(emb["mean"], emb["txt"], scale, shared["bias"], axis_name=axes,
-                                      class_chunk=het.class_chunk)
+                                      class_chunk=het.class_chunk, matmul_dtype=mm)
         if het.enabled and het.num_samples > 0:
             noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
             if shared.get("C") is not None:
                 noise["C"] = shared["C"]
             return losses.hetxl_loss(emb["mean"], noise, emb["txt"], scale, key, num_samples=het.num_samples,
-                                     sample_chunk=het.sample_chunk, class_chunk=het.class_chunk, axis_name=axes)
-        return losses.clip_loss(emb["mean"], emb["txt"], scale, axis_name=axes, class_chunk=het.class_chunk)
+                                     sample_chunk=het.sample_chunk, class_chunk=het.class_chunk, axis_name=axes,
+                                     matmul_dtype=mm)
+        return losses.clip_loss(emb["mean"], emb["txt"], scale, axis_name=axes, class_chunk=het.class_chunk,
+                                matmul_dtype=mm)
 
     def loss(params, emb, key):
         shared = {"scale": model.apply({"params": params}, method=DualEncoder.logit_scale)}
