@@ -4,7 +4,13 @@ from __future__ import annotations
 import os
 import sys
 
-# flag -> value; chosen by bench/throughput.py measurements (see bench/results/throughput.md).
+# flag -> value added by ``configure_cpu_flags``. Empty on purpose: on the 2-core AMX Xeon used for
+# bench/throughput.py none of these beat XLA's defaults beyond run-to-run noise (±10%), measured
+# on fp32 matmuls (4160x256x1024, 1600x768x3072) and the tiny model's image inference / train step:
+#   --xla_cpu_use_onednn=true (+ --xla_cpu_experimental_onednn_custom_call=true): train -8%, image +11%
+#   --xla_cpu_use_xnnpack=false: ±5%;  --xla_cpu_enable_fast_math=true: ±2%
+#   --xla_cpu_experimental_xnn_fusion_type=individual_dot / ..._ynn_fusion_type=individual_dot: within noise
+# Add a flag here only with a measured gain; users' own XLA_FLAGS always win.
 CPU_FLAGS: dict[str, str] = {}
 
 
