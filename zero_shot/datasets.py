@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import tarfile
@@ -33,14 +32,13 @@ from PIL import Image
 
 from hetclip.zero_shot.templates import imagenet_classnames, imagenet_wnids, load_classnames
 
-try:  # the shared decoder (alpha on white, decompression-bomb guard, JPEG draft) when present
-    from hetclip.data import decode as _shared_decode
-except ImportError:  # pragma: no cover - only before hetclip.data.decode exists
-    _shared_decode = None
+from hetclip.data import decode as _decode
+
+_shared_decode = _decode  # former name (kept for callers)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jpe")
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN = np.array(_decode.CLIP_MEAN, np.float32)
+CLIP_STD = np.array(_decode.CLIP_STD, np.float32)
 
 Record = Tuple[str, Union[str, bytes], object]
 
@@ -58,28 +56,15 @@ def _is_image(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- decoding
 
 def eval_transform(img: Image.Image, size: int, resize_size: Optional[int] = None) -> np.ndarray:
-    """RGB, resize the shortest side to ``resize_size`` (default ``size``; bicubic), centre crop
-    ``size × size``, CLIP mean/std."""
-    img = img.convert("RGB")
-    w, h = img.size
-    short = int(resize_size or size)
-    if short < size:
-        raise ValueError(f"resize size {short} is smaller than the crop {size}")
-    side = min(w, h) * size / short          # the source region that becomes the crop
-    left, top = (w - side) // 2, (h - side) // 2
-    img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    x = np.asarray(img, np.float32) / 255.0
-    return (x - CLIP_MEAN) / CLIP_STD
+    """RGB (alpha on white), resize the shortest side to ``resize_size`` (default ``size``; bicubic),
+    centre crop ``size × size``, CLIP mean/std: ``hetclip.data.decode.eval_transform``."""
+    return _decode.eval_transform(img, size, resize_size=resize_size)
 
 
 def decode_image(data: Union[str, bytes], size: int, resize_size: Optional[int] = None) -> np.ndarray:
-    """Decode a path or encoded bytes to a normalised ``[size, size, 3]`` float32 array."""
-    if _shared_decode is not None and (resize_size is None or resize_size == size):
-        return _shared_decode.eval_transform(data, size)
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    with Image.open(src) as img:
-        img.load()
-        return eval_transform(img, size, resize_size)
+    """Decode a path or encoded bytes to a normalised ``[size, size, 3]`` float32 array (the shared
+    decoder: decompression-bomb guard, JPEG draft, alpha composited on white)."""
+    return _decode.eval_transform(data, size, resize_size=resize_size)
 
 
 # ---------------------------------------------------------------------------------------------- folders
