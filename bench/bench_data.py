@@ -348,6 +348,21 @@ def write_markdown(path: str, meta: dict, rows: list[dict], stage_rows: list[dic
                      f"{s['normalize']:.3f} | {s['normalize_former']:.3f} | {s['tokenize']:.3f} | "
                      f"{s['transfer_uint8']:.3f} / {s['transfer_uint8_main']:.3f} | "
                      f"{s['transfer_float32']:.3f} / {s['transfer_float32_main']:.3f} |")
+    lines += ["", "## Notes", ""]
+    for s in stage_rows:
+        worker = s["decode"] + s["crop_resize"]
+        lines.append(
+            f"* `{s['case']}`: worker side {worker:.2f} ms/image (decode {s['decode']:.2f} + crop/resize "
+            f"{s['crop_resize']:.2f}); normalising in the main process costs {s['normalize']:.3f} ms "
+            f"(former formula {s['normalize_former']:.3f}: {s['normalize_former'] / s['normalize']:.1f}x, "
+            f"bit-identical); sending float32 instead of uint8 from the workers would cost "
+            f"{s['transfer_float32'] - s['transfer_uint8']:.3f} ms more per image (total CPU), "
+            + ("more than normalising: workers send uint8." if s["transfer_float32"] - s["transfer_uint8"]
+               > s["normalize"] else "less than normalising: consider normalising in the workers."))
+    lines += ["* Draft (reduced-scale JPEG decoding) applies only when the crop is >= 2x the output size: "
+              "never on 224 px shards at 224 px, for part of the 400-600 px shards, and for JPEG photos at 64 px (the demo shards are PNG).",
+              "* Not changed because they would alter the numerics: Pillow `reducing_gap` (box pre-reduction), "
+              "bilinear instead of bicubic, other JPEG decoders (different IDCT / chroma upsampling)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
