@@ -276,17 +276,24 @@ def test_retrieval_shards(tmp_path, monkeypatch):
     assert res["dataset"]["samples_without_image_or_caption"] == 1
 
 
-def test_private_decoder_matches_shared(monkeypatch):
-    """The built-in fallback and ``hetclip.data.decode`` agree (when the latter exists)."""
-    yy, xx = np.mgrid[0:30, 0:45]
-    img = Image.fromarray(np.stack([xx * 5, yy * 8, xx + yy], -1).astype(np.uint8))
+def test_decode_resize_then_centre_crop_matches_a_reference():
+    """``resize_size > size``: shortest side to ``resize_size`` (bicubic), then a centre ``size`` crop,
+    checked against a two-step Pillow reference (resize the whole image, then crop)."""
+    yy, xx = np.mgrid[0:60, 0:90]
+    img = Image.fromarray(np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    shared = ds.decode_image(buf.getvalue(), 16)
-    monkeypatch.setattr(ds, "_shared_decode", None)
-    private = ds.decode_image(buf.getvalue(), 16)
-    assert private.shape == shared.shape == (16, 16, 3)
-    np.testing.assert_allclose(private, shared, atol=1e-5)
+    got = ds.decode_image(buf.getvalue(), 16, resize_size=20)
+    ref_img = img.resize((30, 20), Image.BICUBIC)  # shortest side 60 -> 20
+    left, top = (30 - 16) // 2, (20 - 16) // 2
+    ref = np.asarray(ref_img.crop((left, top, left + 16, top + 16)), np.float32) / 255.0
+    ref = (ref - ds.CLIP_MEAN) / ds.CLIP_STD
+    assert got.shape == (16, 16, 3)
+    # one-step box resize vs two-step reference: same geometry, small resampling differences only
+    assert np.abs(got - ref).mean() < 0.05
+    assert np.abs(got - ds.decode_image(buf.getvalue(), 16)).mean() > 0.05  # the crop really differs
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        ds.decode_image(buf.getvalue(), 16, resize_size=8)
 
 
 @pytest.mark.slow
