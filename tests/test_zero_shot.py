@@ -262,3 +262,28 @@ def test_batched_encoder_pads_and_shards():
     y = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)   # longer input: chunks of 8 (last padded)
     np.testing.assert_array_equal(np.asarray(enc(y)), y * 2)
     assert seen[-1][0] == (8, 2) and seen[-2][0] == (8, 2)
+
+
+def test_trimmed_prompt_tokens_give_the_same_text_embeddings():
+    """Classifier prompts are encoded only up to the batch's last end-of-text token (causal tower,
+    first-eos pooling), which must not change the embeddings of a real text tower."""
+    import jax
+
+    from hetclip.model import Encoders, init_params, preset
+    from hetclip.zero_shot.classifier import trim_tokens
+
+    cfg = preset("tiny", embed_dim=8, vision={"width": 16, "layers": 1, "heads": 2, "patch_size": 8,
+                                               "image_size": 16},
+                 text={"width": 16, "layers": 2, "heads": 2, "vocab_size": 50, "context_length": 32,
+                       "eos_token_id": 49})
+    enc = Encoders(cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 49, size=(5, 32)).astype(np.int32)
+    for row, n in enumerate([3, 9, 5, 1, 11]):
+        tokens[row, n] = 49
+        tokens[row, n + 1:] = 0
+    trimmed = trim_tokens(tokens, 49)
+    assert trimmed.shape == (5, 16)
+    np.testing.assert_allclose(np.asarray(enc.text_embeddings(trimmed)), np.asarray(enc.text_embeddings(tokens)),
+                               rtol=1e-5, atol=1e-6)
+    assert trim_tokens(tokens, None).shape == (5, 32)

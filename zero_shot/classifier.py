@@ -41,6 +41,21 @@ def cache_key(model_id: str, classnames: Sequence[str], templates: Sequence[str]
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def trim_tokens(tokens: np.ndarray, eos_token_id: Optional[int], multiple: int = 8) -> np.ndarray:
+    """Drop the columns after the last first-end-of-text position of the batch (rounded up to
+    ``multiple`` to bound recompiles). The text tower is causal and pools at the first end-of-text
+    token, so those columns cannot change the embeddings; prompts are short, so this saves most of
+    the text tower's work when building a classifier."""
+    if eos_token_id is None or tokens.ndim != 2 or tokens.size == 0:
+        return tokens
+    is_eos = tokens == eos_token_id
+    if not is_eos.any(axis=1).all():
+        return tokens  # let the model report rows without an end-of-text token
+    needed = int(is_eos.argmax(axis=1).max()) + 1
+    keep = min(tokens.shape[1], -(-needed // multiple) * multiple)
+    return tokens[:, :keep]
+
+
 def encode_texts(encode_text: EncodeText, tokenizer, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """Embed ``texts`` in fixed-size batches (last batch padded by repeating its first text); ``[N, D]``."""
     if batch_size < 1:
@@ -50,7 +65,7 @@ def encode_texts(encode_text: EncodeText, tokenizer, texts: Sequence[str], batch
         chunk = list(texts[s:s + batch_size])
         n = len(chunk)
         chunk = chunk + [chunk[0]] * (batch_size - n) if len(texts) > batch_size else chunk
-        tokens = np.asarray(tokenizer(chunk), np.int32)
+        tokens = trim_tokens(np.asarray(tokenizer(chunk), np.int32), getattr(tokenizer, "eos_token_id", None))
         emb = np.asarray(encode_text(tokens), np.float32)
         if emb.ndim != 2 or emb.shape[0] != len(chunk):
             raise ValueError(f"encode_text returned shape {emb.shape} for {len(chunk)} texts; expected [B, D]")
