@@ -540,7 +540,9 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
             log.info("resumed from %s at step %d", ckpt.directory, start_step)
 
     step_fn = jax.jit(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps), donate_argnums=(0,))
-    state = {"params": params, "opt_state": opt_state, "step": jnp.asarray(start_step, jnp.int32)}
+    # Every leaf already placed as the step returns it, so the second call does not compile again.
+    state = {"params": params, "opt_state": opt_state,
+             "step": jax.device_put(jnp.asarray(start_step, jnp.int32), rep)}
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
     writer = metrics_lib.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
