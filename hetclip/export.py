@@ -31,14 +31,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from hetclip import hf
+from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "stablehlo")
 TOKENIZER_SUBDIR = "tokenizer"
 PROBE_TEXTS = ("a photo of a cat.", "A  RED Square, on the left!", "", "an image " * 40, "Ünïcödé café — 42 déjà vu")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ------------------------------------------------------------------------------ output directory

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import json
 import logging
 import math
 import os
@@ -33,13 +33,11 @@ from hetclip import config as config_lib
 from hetclip import distributed as dist
 from hetclip import losses
 from hetclip import metrics as metrics_lib
-from hetclip import noise as noise_lib
+from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
 
 log = logging.getLogger("hetclip.train")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class TrainingError(RuntimeError):
@@ -337,13 +335,11 @@ class SyntheticBatches:
 
 def _save_or_check_config(cfg, workdir: str, allow_change: bool) -> None:
     path = os.path.join(workdir, "config.json")
-    new = cfg.to_dict()
+    new = json.loads(config_lib.to_json(cfg))  # as it is stored: tuples become lists
     if os.path.exists(path):
-        import json
-
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-        changes = config_lib.diff(saved, json.loads(config_lib.to_json(cfg)))
+        changes = config_lib.diff(saved, new)
         if changes and not allow_change:
             raise config_lib.ConfigError(
                 f"the work directory {workdir!r} holds a run with a different config ({path}):\n  "
