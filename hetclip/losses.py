@@ -9,7 +9,8 @@ Two implementations of each:
   references for the tests.
 * the chunked versions (``clip_loss``, ``hetxl_loss``, ``siglip_loss``): loop over sample chunks and
   class (text) chunks with ``jax.lax.map`` and ``jax.checkpoint`` on each chunk, so the backward
-  pass recomputes chunk logits instead of storing them; per-chunk logsumexps are combined with
+  pass recomputes chunk logits instead of storing them (a loop with a single chunk is not
+  checkpointed: it stores its logits like the naive loss and skips the recomputation); per-chunk logsumexps are combined with
   max-shifted logsumexps. With ``axis_name`` (inside ``shard_map``) each device holds its local
   batch; normalised texts are all-gathered (``[N, D]``); image→text rows are local; the
   text→image logsumexp over all images combines per-device partial logsumexps (``[S_c, N]`` per
@@ -145,6 +146,10 @@ def _chunked(fn: Callable, xs, chunk: Optional[int]):
     n = xs.shape[0]
     c = n if chunk is None else min(chunk, n)
     n_full, rem = divmod(n, c)
+    if n_full == 1 and not rem:
+        # one chunk: nothing to save memory against (the caller asked for no chunking), and
+        # recomputing it in the backward pass would cost one more pass over its matmuls
+        return jax.tree.map(lambda y: y[None], fn(xs)), None
     # inside a loop CSE cannot merge the recomputation with the forward pass, so it may stay on
     single, looped = jax.checkpoint(fn), jax.checkpoint(fn, prevent_cse=False)
     full = None
