@@ -16,7 +16,7 @@ def get_config(arg: str = ""):
         "tiny", het=het,
         vision=dict(width=192, layers=4, heads=3, patch_size=8, image_size=64),
         text=dict(width=192, layers=4, heads=3, context_length=24),
-        embed_dim=128, dtype="bfloat16")
+        embed_dim=128, dtype="auto")  # bf16 where it is fast (AMX, GPU, TPU)
     if het:
         c.model.het.update(num_factors=8, num_samples=8, sample_chunk=8)
     c.batch_size = 128

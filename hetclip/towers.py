@@ -10,6 +10,7 @@ Mixed precision: with ``dtype=jnp.bfloat16`` every matmul takes bf16 inputs and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,12 +39,36 @@ def activation_fn(name: str) -> Callable:
     raise ValueError(f"activation={name!r} is not supported; choose one of {ACTIVATIONS}")
 
 
+def fast_bf16_matmul() -> bool:
+    """Whether bf16 matmuls with fp32 accumulation beat fp32 on JAX's default backend: always on
+    GPU/TPU; on CPU only with AMX (``amx_bf16``). Measured in this project: 3x faster than fp32 with
+    AMX; on an AVX2-only CPU (no native bf16) a bf16 training step is about 10 % slower than fp32."""
+    if jax.default_backend() != "cpu":
+        return True
+    return "amx_bf16" in _cpu_flags()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def compute_dtype(name: Any):
-    """``'float32' | 'bfloat16'`` (or a dtype) -> jnp dtype."""
+    """``'float32' | 'bfloat16' | 'auto'`` (or a dtype) -> jnp dtype. ``'auto'`` is bfloat16 where the
+    hardware has fast bf16 matmuls (``fast_bf16_matmul``) and float32 elsewhere."""
     allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if isinstance(name, str):
+        if name == "auto":
+            return jnp.bfloat16 if fast_bf16_matmul() else jnp.float32
         if name not in allowed:
-            raise ValueError(f"dtype={name!r} is not supported; choose one of {sorted(allowed)}")
+            raise ValueError(f"dtype={name!r} is not supported; choose one of {sorted(allowed) + ['auto']}")
         return allowed[name]
     dt = jnp.dtype(name)
     if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):

@@ -35,6 +35,7 @@ from hetclip import losses
 from hetclip import metrics as metrics_lib
 from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
+from hetclip.towers import compute_dtype
 
 log = logging.getLogger("hetclip.train")
 
@@ -167,7 +168,7 @@ def make_loss(model_cfg: ModelConfig, mesh):
     axes = dist.BATCH_AXES
     batch_spec = P(axes)
     # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX); logsumexps stay fp32.
-    mm = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else None
+    mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
 
     def local(emb, shared, key):
         scale = shared["scale"]

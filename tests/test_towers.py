@@ -360,6 +360,19 @@ def test_text_config_errors():
         towers.compute_dtype("float16")
 
 
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    """'auto' is bf16 only where bf16 matmuls are fast (AMX on CPU), else fp32; it validates like the others."""
+    towers._cpu_flags.cache_clear()
+    monkeypatch.setattr(towers, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert towers.compute_dtype("auto") == jnp.float32
+    monkeypatch.setattr(towers, "_cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
+    assert towers.compute_dtype("auto") == jnp.bfloat16
+    from hetclip.model import preset
+    assert preset("tiny", dtype="auto").dtype == "auto"
+    with pytest.raises(ValueError, match="'auto'"):
+        towers.compute_dtype("fp8")
+
+
 def test_bf16_matmul_gradients():
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
