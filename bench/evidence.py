@@ -50,6 +50,32 @@ def table(rows: dict[str, list[dict]], keys: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+CHANCE = {"shape": 1 / 8, "color": 1 / 8, "shape_color": 1 / 64}
+
+
+def reading(results: dict[str, list[dict]]) -> str:
+    """What the DET vs HET-XL numbers say, computed from them (differences against the seed spread)."""
+    if "DET" not in results or "HET-XL" not in results:
+        return "(needs both DET and HET-XL runs)"
+    lines = []
+    for task in TASKS:
+        det = [r[task]["top1"] for r in results["DET"]]
+        lines.append(f"- {task}: DET top1 {statistics.mean(det):.3f} vs chance {CHANCE[task]:.3f}"
+                     + (" (at most 1.5x chance: this task was not learned, so it cannot separate the methods)"
+                        if statistics.mean(det) < 1.5 * CHANCE[task] else ""))
+        for m in METRICS:
+            a = [r[task][m] for r in results["DET"]]
+            b = [r[task][m] for r in results["HET-XL"]]
+            diff = statistics.mean(b) - statistics.mean(a)
+            spread = max(statistics.stdev(a) if len(a) > 1 else 0.0, statistics.stdev(b) if len(b) > 1 else 0.0)
+            verdict = ("no spread to compare with (one seed)" if spread == 0 else
+                       "beyond" if abs(diff) > spread else "within")
+            better = (diff > 0) if m == "top1" else (diff < 0)
+            lines.append(f"  - {m}: HET-XL - DET = {diff:+.3f} ({'better' if better else 'worse'} for HET-XL), "
+                         f"{verdict}{' one seed standard deviation' if spread else ''} ({spread:.3f})")
+    return "\n".join(lines)
+
+
 def params_section() -> str:
     from hetclip.params import SCALES, extra_ratio, head_table
 
@@ -64,19 +90,21 @@ def params_section() -> str:
     return "\n".join(out)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--noise", type=float, default=0.5, help="caption corruption probability for hard samples")
-    p.add_argument("--fixed-temperatures", default="0.03,0.1,0.3")
-    p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run, not evidence)")
-    p.add_argument("--out", default="docs/RESULTS.md")
-    p.add_argument("--json", default="bench/results/evidence.json")
-    p.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "hetclip_evidence_demo"))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps = 1, 60
+def _machine() -> str:
+    import platform
+
+    from hetclip.towers import compute_dtype
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core {model} ({platform.machine()}); demo dtype 'auto' = {compute_dtype('auto').__name__}"
+
+
+def train_all(args) -> dict[str, list[dict]]:
     common = [f"total_steps={args.steps}", f"demo.dir={args.demo_dir}", f"demo.params.noise_prob={args.noise}",
               "export.format=", "checkpoint.every_steps=0", "tensorboard=false",
               f"optim.warmup_steps={max(1, args.steps // 12)}"]
@@ -96,11 +124,40 @@ def main(argv=None):
         for tau in [float(t) for t in args.fixed_temperatures.split(",") if t]:
             go(f"HET-XL fixed τ={tau:g}", "demo:het", ["freeze.temperature=true", f"model.temperature.init={tau}",
                                                      "eval.mc_samples=16"], 0)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return results
 
-    cmd = "python bench/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--noise", type=float, default=0.5, help="caption corruption probability for hard samples")
+    p.add_argument("--fixed-temperatures", default="0.03,0.1,0.3")
+    p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run, not evidence)")
+    p.add_argument("--out", default="docs/RESULTS.md")
+    p.add_argument("--json", default="bench/results/evidence.json")
+    p.add_argument("--from-json", action="store_true",
+                   help="re-write the report from --json without training (the command line stays the one recorded)")
+    p.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "hetclip_evidence_demo"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps = 1, 60
+    if args.from_json:
+        with open(args.json) as f:
+            saved = json.load(f)
+        results, cmd = saved["results"], saved.get("command", "python bench/evidence.py")
+        machine = saved.get("machine", "not recorded")
+        interpretation = saved.get("interpretation", "")
+        for k in ("seeds", "steps", "noise"):
+            setattr(args, k, saved["args"][k])
+    else:
+        results = train_all(args)
+        machine = _machine()
+        interpretation = ""  # written by hand into the JSON after looking at a run, never generated
+        cmd = ("python bench/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "command": cmd, "machine": machine, "results": results}, f, indent=2)
     main_keys = [(t, m) for t in TASKS for m in METRICS]
     mc_keys = [(t, f"mc_{m}") for t in TASKS for m in METRICS]
     het_only = {k: v for k, v in results.items() if k.startswith("HET-XL") and "mc_top1" in v[0]["shape"]}
@@ -109,8 +166,9 @@ def main(argv=None):
         "# Results at small scale",
         "",
         "Produced by `bench/evidence.py`; raw numbers in `bench/results/evidence.json`. "
-        f"Command: `{cmd.strip()}` ({args.seeds} seed(s), {args.steps} steps of the `demo` recipe, "
-        f"caption noise {args.noise} on hard samples). Mean ± standard deviation over seeds.",
+        f"Command: `{cmd}` ({args.seeds} seed(s), {args.steps} steps of the `demo` recipe, "
+        f"caption noise {args.noise} on hard samples). Mean ± standard deviation over seeds. "
+        f"Machine: {machine}.",
         "",
         "## DET vs HET-XL (learned temperature), deterministic prediction (mean embedding)",
         "",
@@ -124,6 +182,12 @@ def main(argv=None):
         "",
         table(sweep, [(t, "top1") for t in TASKS] + [("shape", "nll"), ("shape", "ece")]),
         "",
+        "## Reading these numbers (computed from the table above)",
+        "",
+        reading(results),
+        "",
+    ] + (["**Interpretation** (written by hand for this recorded run, stored in the JSON): " + interpretation, ""]
+         if interpretation else []) + [
         "## Parameter counts at the paper's scales",
         "",
         params_section(),

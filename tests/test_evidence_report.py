@@ -1,0 +1,48 @@
+"""bench/evidence.py's report: re-rendered from saved JSON, with differences judged against the seed spread."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _res(shape, color, nll=2.0):
+    out = {}
+    for task, top1 in (("shape", shape), ("color", color), ("shape_color", shape * color)):
+        out[task] = {"top1": top1, "nll": nll, "ece": 0.1, "mc_top1": top1, "mc_nll": nll, "mc_ece": 0.1}
+    return out
+
+
+def test_report_from_json(tmp_path):
+    ev = _load()
+    results = {"DET": [_res(0.50, 0.90), _res(0.52, 0.92)],
+               "HET-XL": [_res(0.70, 0.91, 1.5), _res(0.72, 0.90, 1.6)],
+               "HET-XL fixed τ=0.1": [_res(0.60, 0.80)]}
+    src = tmp_path / "ev.json"
+    src.write_text(json.dumps({"args": {"seeds": 2, "steps": 7, "noise": 0.5}, "command": "python bench/evidence.py X",
+                               "machine": "test box", "interpretation": "hand text", "results": results}))
+    out = tmp_path / "R.md"
+    ev.main(["--from-json", "--json", str(src), "--out", str(out)])
+    text = out.read_text()
+    assert "`python bench/evidence.py X`" in text and "Machine: test box" in text and "hand text" in text
+    assert "| DET | 0.510 ± 0.014 |" in text
+    # shape top1: +0.200, spread 0.014 -> beyond; colour top1 -0.005, spread 0.014 -> within
+    assert "top1: HET-XL - DET = +0.200 (better for HET-XL), beyond" in text
+    assert "top1: HET-XL - DET = -0.005 (worse for HET-XL), within" in text
+    assert "nll: HET-XL - DET = -0.450 (better for HET-XL)" in text
+    assert "14.45×" in text  # parameter table at JFT-4B scale
+
+
+def test_reading_flags_an_unlearned_task():
+    ev = _load()
+    text = ev.reading({"DET": [_res(0.13, 0.9)], "HET-XL": [_res(0.12, 0.9)]})
+    assert "shape: DET top1 0.130 vs chance 0.125 (at most 1.5x chance" in text
+    assert "color: DET top1 0.900 vs chance 0.125\n" in text
+    assert "no spread to compare with (one seed)" in text
