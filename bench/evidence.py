@@ -91,17 +91,10 @@ def params_section() -> str:
 
 
 def _machine() -> str:
-    import platform
-
     from hetclip.towers import compute_dtype
+    from hetclip.xla import cpu_description
 
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core {model} ({platform.machine()}); demo dtype 'auto' = {compute_dtype('auto').__name__}"
+    return f"{cpu_description()}; demo dtype 'auto' = {compute_dtype('auto').__name__}"
 
 
 def train_all(args) -> dict[str, list[dict]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -295,6 +294,12 @@ class Worker:
             self.proc.kill()
 
 
+def _cpu_description() -> str:
+    from hetclip.xla import cpu_description  # the driver runs in hetclip's environment
+
+    return cpu_description()
+
+
 def _stats(times: list[float], batch: int, flops_per_sample: float) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     med = statistics.median(times)
@@ -437,7 +442,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", "bench/throughput.py"] +
                                                                            (argv if argv is not None else sys.argv[1:])),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": _cpu_description(),
               "threads": args.threads, "rounds": args.rounds, "block_seconds": args.block_seconds, "groups": []}
     try:
         versions = workers["hetclip"].call(op="info")

@@ -10,12 +10,13 @@ Mixed precision: with ``dtype=jnp.bfloat16`` every matmul takes bf16 inputs and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from hetclip.xla import cpu_flags
 
 LN_EPS = 1e-5
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -45,19 +46,7 @@ def fast_bf16_matmul() -> bool:
     AMX; on an AVX2-only CPU (no native bf16) a bf16 training step is about 10 % slower than fp32."""
     if jax.default_backend() != "cpu":
         return True
-    return "amx_bf16" in _cpu_flags()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return "amx_bf16" in cpu_flags()
 
 
 def compute_dtype(name: Any):

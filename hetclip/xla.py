@@ -1,7 +1,9 @@
 """XLA CPU flag defaults for hetclip (see ``configure_cpu_flags``)."""
 from __future__ import annotations
 
+import functools
 import os
+import platform
 import sys
 
 # flag -> value added by ``configure_cpu_flags``. Empty on purpose: on the 2-core AMX Xeon used for
@@ -33,3 +35,30 @@ def configure_cpu_flags(flags: dict[str, str] | None = None) -> list[str]:
 def _backend_initialised() -> bool:
     xb = sys.modules.get("jax._src.xla_bridge")
     return bool(xb is not None and getattr(xb, "_backends", None))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_description() -> str:
+    """``"<model name>, <widest matmul ISA>, <n> cores"`` for benchmark and result headers."""
+    model = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    isa = ("AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+           else "no AVX2")
+    return f"{model} ({platform.machine()}), {isa}, {os.cpu_count()} cores"

@@ -362,10 +362,9 @@ def test_text_config_errors():
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     """'auto' is bf16 only where bf16 matmuls are fast (AMX on CPU), else fp32; it validates like the others."""
-    towers._cpu_flags.cache_clear()
-    monkeypatch.setattr(towers, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert towers.compute_dtype("auto") == jnp.float32
-    monkeypatch.setattr(towers, "_cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
+    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
     assert towers.compute_dtype("auto") == jnp.bfloat16
     from hetclip.model import preset
     assert preset("tiny", dtype="auto").dtype == "auto"
