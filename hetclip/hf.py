@@ -317,7 +317,7 @@ def check_exportable(model_cfg, eos_token_id: Optional[int] = None) -> list[str]
     if model_cfg.temperature.kind != "clip":
         notes.append(f"temperature.kind={model_cfg.temperature.kind!r} (bounded τ) has no HF form: its current "
                      "value 1/τ is exported as the fixed CLIPModel.logit_scale = log(1/τ)")
-    if model_cfg.dtype != "float32":
+    if model_cfg.dtype not in ("float32", "auto"):
         notes.append(f"dtype={model_cfg.dtype!r}: weights are exported in float32 (they are stored in float32)")
     return notes
 
