@@ -81,6 +81,10 @@ def _timed(fn, n: int) -> list[float]:
 
 
 def hetclip_worker(threads: int, xla_config: bool) -> None:
+    # What hetclip's console scripts do (HETCLIP_ALLOCATOR=system measures glibc's allocator instead).
+    from hetclip.allocator import loaded_allocator, reexec_with_mimalloc
+
+    reexec_with_mimalloc()
     if xla_config:
         from hetclip.xla import configure_cpu_flags
 
@@ -169,7 +173,8 @@ def hetclip_worker(threads: int, xla_config: bool) -> None:
 
     _serve({"setup": setup, "run": run, "free": free, "quit": lambda m: {"ok": True},
             "info": lambda m: {"jax": jax.__version__, "backend": jax.default_backend(),
-                                           "xla_flags": os.environ.get("XLA_FLAGS", "")}})
+                                           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                                           "hetclip_allocator": loaded_allocator()}})
 
 
 def openclip_worker(threads: int) -> None:
@@ -361,7 +366,8 @@ def markdown(report: dict) -> str:
     lines = [f"# hetclip vs open_clip throughput ({report['date']})", "",
              f"`{report['command']}`", "",
              f"Machine: {report['machine']}; {report['threads']} threads each; hetclip JAX {report['versions'].get('jax')}"
-             f" (XLA_FLAGS=`{report['xla_flags']}`), open_clip {report['versions'].get('open_clip')} on torch "
+             f" (XLA_FLAGS=`{report['xla_flags']}`, allocator {report['versions'].get('hetclip_allocator', 'system')})"
+             f", open_clip {report['versions'].get('open_clip')} on torch "
              f"{report['versions'].get('torch')}. Interleaved: {report['rounds']} rounds of ~{report['block_seconds']} s "
              "blocks per variant. Step time = median (IQR); GFLOP/s from analytic matmul FLOPs (train = 3x forward). "
              f"1-min load average during the run: {report.get('loadavg', '?')} (other jobs share the 2 cores).", "",
