@@ -1,29 +1,23 @@
-"""Console-script entry points (``pyproject.toml``): the heavy tools run with the faster allocator
-(``hetclip.allocator``); calling the modules' ``main`` functions in-process changes nothing."""
+"""Console-script entry points (``pyproject.toml``) of the heavy tools: each re-executes once with the
+faster allocator (``hetclip.allocator``), then imports and runs the module's ``main``. Calling those
+``main`` functions in-process (as the tests do) never re-executes."""
 from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 from hetclip.allocator import reexec_with_mimalloc
 
 
-def train():
-    reexec_with_mimalloc()
-    from hetclip.train import main
-    return main()
+def _tool(module: str, function: str = "main") -> Callable[[], object]:
+    def run():
+        reexec_with_mimalloc()
+        return getattr(importlib.import_module(module), function)()
+    run.__name__ = run.__qualname__ = f"{module.rsplit('.', 1)[-1]}_{function}"
+    return run
 
 
-def zero_shot():
-    reexec_with_mimalloc()
-    from hetclip.zero_shot.cli import main
-    return main()
-
-
-def retrieval():
-    reexec_with_mimalloc()
-    from hetclip.zero_shot.cli import retrieval_main
-    return retrieval_main()
-
-
-def export():
-    reexec_with_mimalloc()
-    from hetclip.export import main
-    return main()
+train = _tool("hetclip.train")
+zero_shot = _tool("hetclip.zero_shot.cli")
+retrieval = _tool("hetclip.zero_shot.cli", "retrieval_main")
+export = _tool("hetclip.export")

@@ -46,3 +46,5 @@ def test_heavy_console_scripts_go_through_the_allocator_entry_points():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name in ("hetclip-train", "hetclip-zero-shot", "hetclip-retrieval", "hetclip-export"):
         assert scripts[name].startswith("hetclip.cli:"), name
+    from hetclip import cli
+    assert {cli.train.__name__, cli.retrieval.__name__} == {"train_main", "cli_retrieval_main"}
