@@ -425,4 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from hetclip.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()  # as the console script does (python -m is kept on re-execution)
     sys.exit(main())

@@ -736,4 +736,7 @@ def _summary_text(summary: dict) -> str:
 
 
 if __name__ == "__main__":
+    from hetclip.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()  # as the console script does (python -m is kept on re-execution)
     sys.exit(main())

@@ -48,3 +48,13 @@ def test_heavy_console_scripts_go_through_the_allocator_entry_points():
         assert scripts[name].startswith("hetclip.cli:"), name
     from hetclip import cli
     assert {cli.train.__name__, cli.retrieval.__name__} == {"train_main", "cli_retrieval_main"}
+
+
+def test_python_dash_m_is_kept_on_reexecution(tmp_path):
+    """``python -m hetclip.train`` re-executes as ``python -m hetclip.train`` (not as a script path)."""
+    if allocator.mimalloc_path() is None:
+        pytest.skip("mimalloc is not installed on this platform")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator._MARK, allocator.ENV_SWITCH)}
+    out = subprocess.run([sys.executable, "-m", "hetclip.train", "--config", "no_such_recipe"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0 and "no_such_recipe" in out.stderr, out.stderr[-2000:]

@@ -274,4 +274,7 @@ def retrieval_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from hetclip.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()  # as the console script does (python -m is kept on re-execution)
     main()
