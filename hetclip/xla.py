@@ -1,4 +1,5 @@
-"""XLA CPU flag defaults for hetclip (see ``configure_cpu_flags``)."""
+"""XLA CPU flag defaults for hetclip (see ``configure_cpu_flags``) and the CPU facts that hardware-dependent
+choices read (``cpu_flags``, ``cpu_description``)."""
 from __future__ import annotations
 
 import functools
