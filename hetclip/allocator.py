@@ -8,6 +8,7 @@ on the 2-core AVX2 machine a demo training step took 1.79 s with glibc and 1.20 
 scripts re-execute themselves once with mimalloc (from the ``cmeel-mimalloc`` wheel) preloaded.
 
 ``HETCLIP_ALLOCATOR=system`` turns this off; the library itself (``import hetclip``) never does it.
+Child processes (data-loader workers, ``pipe:`` shard commands) inherit the preload through ``LD_PRELOAD``.
 """
 from __future__ import annotations
 
