@@ -51,7 +51,10 @@ def reexec_with_mimalloc() -> None:
     """Re-execute this process with mimalloc preloaded, unless turned off, unavailable or already done.
 
     Returns only when nothing is done. Call it first thing in a console script's entry point."""
-    if os.environ.get(ENV_SWITCH, "mimalloc").lower() == "system" or os.environ.get(_MARK):
+    choice = os.environ.get(ENV_SWITCH, "mimalloc").strip().lower() or "mimalloc"
+    if choice not in ("mimalloc", "system"):
+        raise SystemExit(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not supported; use 'mimalloc' (default) or 'system'")
+    if choice == "system" or os.environ.get(_MARK):
         return
     if not sys.platform.startswith("linux") or not getattr(sys, "orig_argv", None):
         return

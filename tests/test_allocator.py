@@ -58,3 +58,10 @@ def test_python_dash_m_is_kept_on_reexecution(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hetclip.train", "--config", "no_such_recipe"], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode != 0 and "no_such_recipe" in out.stderr, out.stderr[-2000:]
+
+
+def test_unknown_allocator_name_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator._MARK)}
+    env[allocator.ENV_SWITCH] = "jemalloc"
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "HETCLIP_ALLOCATOR='jemalloc' is not supported" in out.stderr
