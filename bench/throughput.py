@@ -299,12 +299,6 @@ class Worker:
             self.proc.kill()
 
 
-def _cpu_description() -> str:
-    from hetclip.xla import cpu_description  # the driver runs in hetclip's environment
-
-    return cpu_description()
-
-
 def _stats(times: list[float], batch: int, flops_per_sample: float) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     med = statistics.median(times)
@@ -445,10 +439,12 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    from hetclip.xla import cpu_description  # not at the top: the open_clip worker runs this file without hetclip
+
     t_start = time.time()
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", "bench/throughput.py"] +
                                                                            (argv if argv is not None else sys.argv[1:])),
-              "machine": _cpu_description(),
+              "machine": cpu_description(),
               "threads": args.threads, "rounds": args.rounds, "block_seconds": args.block_seconds, "groups": []}
     try:
         versions = workers["hetclip"].call(op="info")

@@ -39,26 +39,29 @@ def _backend_initialised() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
+def _cpuinfo() -> dict[str, str]:
+    """Fields of the first processor in ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return info
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (empty where ``/proc/cpuinfo`` does not exist)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def cpu_description() -> str:
-    """``"<model name>, <widest matmul ISA>, <n> cores"`` for benchmark and result headers."""
-    model = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """``"<model name> (<arch>), <widest matmul ISA>, <n> cores"`` for benchmark and result headers."""
+    model = _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
     flags = cpu_flags()
     isa = ("AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
            else "no AVX2")
