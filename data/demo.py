@@ -10,9 +10,11 @@ Layout written by ``generate_demo`` / ``ensure_demo`` (and the ``hetclip-demo-da
                                          meta.jsonl (per-image attributes); shape_color/heldout.txt
     OUT/tokenizer/                       CLIP-style byte-level BPE trained on the train captions (HF format)
 
-Each image shows 1-3 objects of one shape and one colour (8 shapes x 8 colours) with varied size, position,
-rotation and opacity, on a neutral background (solid, gradient or noise texture). Some colour-shape pairs
-are held out of training entirely (neither rendered nor captioned) and appear only in the ``shape_color``
+Each image shows one object near the centre (or, less often, 2-3 anywhere) of one shape and one colour
+(8 shapes x 8 colours) with varied size, a small rotation and offset, sometimes faded, on a neutral
+background (solid, gradient or noise texture); the difficulty knobs are in ``DEFAULTS``. Captions name
+both attributes, or (``shape_only_prob``, ``color_only_prob``) only one. Some colour-shape pairs are held
+out of training entirely (neither rendered nor captioned) and appear only in the ``shape_color``
 evaluation task. Optional input-dependent caption noise: samples that are hard to see (small objects ->
 shape word, low-contrast objects -> colour word) get a wrong attribute word with probability
 ``noise_prob`` (easy samples with ``noise_prob_easy``); ``KEY.json`` records what was changed.
@@ -41,7 +43,7 @@ from PIL import Image, ImageDraw
 __all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "DemoPaths", "heldout_pairs", "render_scene",
            "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
 PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
 COLORS = {  # name -> base RGB (jittered per sample)
@@ -52,9 +54,8 @@ BACKGROUNDS = {  # neutral tones only, so the colour of a scene is the colour of
     "white": (240, 240, 240), "light gray": (190, 190, 190), "gray": (128, 128, 128),
     "dark gray": (64, 64, 64), "black": (16, 16, 16), "beige": (228, 216, 190),
 }
-SIZES = {"small": (0.07, 0.12), "medium": (0.12, 0.20), "large": (0.20, 0.34)}  # radius / image size
-MAX_ROTATION = {"circle": 0.0, "ring": 0.0, "square": 20.0, "diamond": 25.0, "triangle": 180.0, "star": 180.0,
-                "cross": 30.0, "heart": 30.0}  # degrees
+SIZES = {"small": (0.08, 0.13), "medium": (0.15, 0.24), "large": (0.24, 0.38)}  # radius / image size
+ROTATABLE = ("square", "diamond", "triangle", "star", "cross", "heart")  # circle and ring look the same turned
 COUNT_WORDS = {2: "two", 3: "three"}
 TASKS = ("shape", "color", "shape_color")
 TEMPLATES = {
@@ -70,7 +71,13 @@ DEFAULTS: dict[str, Any] = {
     "eval_per_class": 100,   # shape and color tasks: images per class
     "eval_per_combo": 20,    # shape_color task: images per colour-shape pair (64 classes)
     "num_heldout": 8,        # colour-shape pairs never rendered nor captioned in train
-    "faded_prob": 0.2,       # probability that the objects are drawn semi-transparent (low contrast)
+    "faded_prob": 0.1,       # probability that the objects are drawn semi-transparent (low contrast)
+    "small_prob": 0.1,       # probability that the objects are small (hard to tell the shape)
+    "multi_prob": 0.1,       # probability of 2-3 objects (small or medium) instead of one
+    "max_rotation": 15.0,    # degrees, uniform in [-max, max]
+    "max_offset": 0.05,      # a single object's centre: at most this fraction of the image from the centre
+    "shape_only_prob": 0.3,  # probability that a caption names the shape but not the colour
+    "color_only_prob": 0.05, # ... the colour but not the shape
     "noise_prob": 0.0,       # caption corruption probability for hard samples
     "noise_prob_easy": 0.0,  # ... and for easy samples
     "contrast_threshold": 0.2,
@@ -161,13 +168,21 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, s
 
 
 def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *, count: int | None = None,
-                 faded_prob: float = 0.2, supersample: int = 2) -> tuple[np.ndarray, dict]:
-    """Render one scene; returns (uint8 [S, S, 3] image, attributes dict)."""
+                 faded_prob: float = 0.1, small_prob: float = 0.1, multi_prob: float = 0.1,
+                 max_rotation: float = 15.0, max_offset: float = 0.05, supersample: int = 2) -> tuple[np.ndarray, dict]:
+    """Render one scene; returns (uint8 [S, S, 3] image, attributes dict).
+
+    ``count`` objects (default: one, or 2-3 with probability ``multi_prob``); they are small with probability
+    ``small_prob``, else large or medium (a single object) or medium (several); each is turned by up to
+    ``max_rotation`` degrees. A single object's centre is at most ``max_offset`` (a fraction of the image size)
+    from the image centre; several objects go anywhere.
+    """
     if count is None:
-        u = rng.random()
-        count = 1 if u < 0.5 else 2 if u < 0.8 else 3
-    allowed = ["small", "medium", "large"] if count == 1 else ["small", "medium"]
-    size_word = allowed[int(rng.integers(len(allowed)))]
+        count = 1 if rng.random() >= multi_prob else int(rng.integers(2, 4))
+    if rng.random() < small_prob:
+        size_word = "small"
+    else:
+        size_word = ("large", "medium")[int(rng.integers(2))] if count == 1 else "medium"
     lo, hi = SIZES[size_word]
     bg, bg_kind, bg_word = _background(rng, size)
     rgb = np.clip(np.array(COLORS[color], np.float32) + rng.uniform(-15, 15, 3), 0, 255).astype(np.float32)
@@ -180,11 +195,14 @@ def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *,
     for _ in range(count):
         r = float(rng.uniform(lo, hi)) * size
         for _attempt in range(25):
-            cx, cy = rng.uniform(r, size - r, 2)
+            if count == 1:  # within max_offset of the centre (as far as the object fits)
+                cx, cy = np.clip(size / 2 + rng.uniform(-max_offset, max_offset, 2) * size, r, size - r)
+            else:
+                cx, cy = rng.uniform(r, size - r, 2)
             if all(math.hypot(cx - x, cy - y) > r + q + 1 for x, y, q in placed):
                 break
         placed.append((float(cx), float(cy), r))
-        angle = math.radians(float(rng.uniform(-1, 1)) * MAX_ROTATION[shape])
+        angle = math.radians(float(rng.uniform(-1, 1)) * max_rotation) if shape in ROTATABLE else 0.0
         _draw_object(draw, shape, cx * ss, cy * ss, r * ss, angle)
     if ss > 1:
         mask_img = mask_img.resize((size, size), Image.BOX)
@@ -223,8 +241,24 @@ def _article(word: str) -> str:
 
 
 def make_caption(rng: np.random.Generator, shape: str, color: str, count: int, size: str, background: str,
-                 position: str | None) -> str:
-    """One caption of many phrasings for the (possibly corrupted) attribute words."""
+                 position: str | None, *, shape_only_prob: float = 0.3, color_only_prob: float = 0.05) -> str:
+    """One caption of many phrasings for the (possibly corrupted) attribute words.
+
+    With probability ``shape_only_prob`` the caption names the shape but not the colour (``color_only_prob``:
+    the colour but not the shape); otherwise both.
+    """
+    u = rng.random()
+    if u < shape_only_prob:
+        noun = shape if count == 1 else PLURALS[shape]
+        obj = f"{_article(shape)} {shape}" if count == 1 else f"{COUNT_WORDS[count]} {noun}"
+        pool = [obj, f"a photo of {obj}", f"a drawing of {obj}", f"a picture of {obj}", f"an image of {obj}",
+                f"{obj} on {_article(background)} {background} background", f"a simple {shape} shape",
+                f"a rendering of {obj}", f"{_article(size)} {size} {noun}" if count == 1 else f"{size} {noun}"]
+        return pool[int(rng.integers(len(pool)))]
+    if u < shape_only_prob + color_only_prob:
+        pool = [f"a photo of something {color}", f"a shape colored {color}", f"{color} shapes",
+                f"something {color} on {_article(background)} {background} background", f"{_article(color)} {color} object"]
+        return pool[int(rng.integers(len(pool)))]
     use_size = rng.random() < 0.4
     adj = (size + " " if use_size else "") + color
     noun = shape if count == 1 else PLURALS[shape]
@@ -243,10 +277,7 @@ def make_caption(rng: np.random.Generator, shape: str, color: str, count: int, s
     else:
         options += [f"{COUNT_WORDS[count]} {PLURALS[shape]} colored {color}", f"a group of {obj}",
                     f"{color} {PLURALS[shape]} on {_article(bg)} {bg}"]
-    partial = [f"a photo of something {color}", f"a shape colored {color}", f"{color} shapes",
-               f"a photo of a {shape}", f"a drawing of a {shape}", f"a {shape}"]
-    pool = partial if rng.random() < 0.1 else options
-    return pool[int(rng.integers(len(pool)))]
+    return options[int(rng.integers(len(options)))]
 
 
 def heldout_pairs(seed: int, num_heldout: int) -> list[tuple[str, str]]:
@@ -281,7 +312,7 @@ def _train_sample(p: dict, index: int, heldout: set) -> tuple[np.ndarray, dict]:
         shape, color = SHAPES[int(rng.integers(len(SHAPES)))], names[int(rng.integers(len(names)))]
         if (shape, color) not in heldout:
             break
-    img, a = render_scene(rng, p["image_size"], shape, color, faded_prob=p["faded_prob"])
+    img, a = render_scene(rng, p["image_size"], shape, color, **_scene_params(p))
     hard_shape = a["size"] == "small"
     hard_color = a["contrast"] < p["contrast_threshold"]
     hard = hard_shape or hard_color
@@ -300,11 +331,16 @@ def _train_sample(p: dict, index: int, heldout: set) -> tuple[np.ndarray, dict]:
         else:
             choices = [c for c in names if c != color and (shape, c) not in heldout]
             cap_color = choices[int(rng.integers(len(choices)))]
-    caption = make_caption(rng, cap_shape, cap_color, a["count"], a["size"], a["background_word"], a["position"])
+    caption = make_caption(rng, cap_shape, cap_color, a["count"], a["size"], a["background_word"], a["position"],
+                           shape_only_prob=p["shape_only_prob"], color_only_prob=p["color_only_prob"])
     meta = {**a, "hard": hard, "hard_shape": hard_shape, "hard_color": hard_color,
             "corrupted": corrupted is not None, "corrupted_attribute": corrupted,
             "caption_shape": cap_shape, "caption_color": cap_color, "caption": caption}
     return img, meta
+
+
+def _scene_params(p: dict) -> dict:
+    return {k: p[k] for k in ("faded_prob", "small_prob", "multi_prob", "max_rotation", "max_offset")}
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -356,7 +392,7 @@ def _write_eval_class(args: tuple[dict, str, int, str, str, list, str]) -> list[
     for j in range(n):
         rng = np.random.default_rng([p["seed"], 1 + TASKS.index(task), class_index, j])
         shape, color = pairs[int(rng.integers(len(pairs)))]
-        img, a = render_scene(rng, p["image_size"], shape, color, faded_prob=p["faded_prob"])
+        img, a = render_scene(rng, p["image_size"], shape, color, **_scene_params(p))
         rel = f"{folder}/{j:05d}.{ext}"
         with open(os.path.join(out, rel), "wb") as f:
             f.write(_encode(img, p["image_format"]))
@@ -396,10 +432,19 @@ def _check_params(params: dict) -> dict:
         if not isinstance(p[k], (int, np.integer)) or isinstance(p[k], bool):
             raise ValueError(f"demo parameter {k}={p[k]!r} must be an int")
         p[k] = int(p[k])
-    for k in ("faded_prob", "noise_prob", "noise_prob_easy", "contrast_threshold"):
+    for k in ("faded_prob", "small_prob", "multi_prob", "shape_only_prob", "color_only_prob", "noise_prob", "noise_prob_easy", "contrast_threshold"):
         p[k] = float(p[k])
         if not 0.0 <= p[k] <= 1.0:
             raise ValueError(f"demo parameter {k}={p[k]} must be in [0, 1]")
+    p["max_offset"] = float(p["max_offset"])
+    if not 0.0 <= p["max_offset"] <= 0.5:
+        raise ValueError(f"demo parameter max_offset={p['max_offset']} must be in [0, 0.5]")
+    p["max_rotation"] = float(p["max_rotation"])
+    if not 0.0 <= p["max_rotation"] <= 180.0:
+        raise ValueError(f"demo parameter max_rotation={p['max_rotation']} must be in [0, 180] degrees")
+    if p["shape_only_prob"] + p["color_only_prob"] > 1.0:
+        raise ValueError(f"demo parameters shape_only_prob + color_only_prob = "
+                         f"{p['shape_only_prob'] + p['color_only_prob']} must be <= 1")
     if p["image_size"] < 16:
         raise ValueError(f"demo parameter image_size={p['image_size']} must be >= 16 pixels")
     for k in ("num_train", "shard_size", "eval_per_class", "eval_per_combo"):

@@ -80,3 +80,14 @@ def test_recipe_by_path_with_argument(tmp_path):
 
 def test_diff_lists_changed_keys():
     assert config_lib.diff({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == ["b.c: 2 -> 3"]
+
+
+def test_every_demo_generator_knob_is_a_config_key():
+    from hetclip.data import demo
+
+    c = config_lib.load_config("demo")
+    assert c.demo.params.to_dict() == demo.DEFAULTS
+    c = config_lib.apply_overrides(c, ["demo.params.max_offset=0.1", "demo.params.max_rotation=0"])
+    assert c.demo.params.max_offset == 0.1 and c.demo.params.max_rotation == 0
+    with pytest.raises(config_lib.ConfigError, match=r"demo.params.max_ofset.*did you mean 'demo.params.max_offset'"):
+        config_lib.apply_overrides(c, ["demo.params.max_ofset=0.1"])

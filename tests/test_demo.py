@@ -40,7 +40,7 @@ def _tree(root: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "noisy"
-    return demo.ensure_demo(root, noise_prob=0.5, **SMALL)
+    return demo.ensure_demo(root, noise_prob=0.5, small_prob=0.25, faded_prob=0.25, **SMALL)
 
 
 def test_layout_loads(noisy):
@@ -208,7 +208,48 @@ def test_bad_parameters(tmp_path):
         demo.ensure_demo(tmp_path / "x", num_train=0)
     with pytest.raises(ValueError, match="shard_size=2.5 must be an int"):
         demo.ensure_demo(tmp_path / "x", shard_size=2.5)
+    with pytest.raises(ValueError, match="max_offset=0.7"):
+        demo.ensure_demo(tmp_path / "x", max_offset=0.7)
+    with pytest.raises(ValueError, match="max_rotation=200.0"):
+        demo.ensure_demo(tmp_path / "x", max_rotation=200)
+    with pytest.raises(ValueError, match="shape_only_prob \\+ color_only_prob = 1.5"):
+        demo.ensure_demo(tmp_path / "x", shape_only_prob=0.9, color_only_prob=0.6)
     assert not (tmp_path / "x").exists()
+
+
+def test_scene_knobs_do_what_they_say():
+    attrs = [demo.render_scene(np.random.default_rng([3, i]), 64, "star", "red", small_prob=0.0, multi_prob=0.0,
+                               max_offset=0.0)[1] for i in range(30)]
+    assert {a["count"] for a in attrs} == {1} and "small" not in {a["size"] for a in attrs}
+    assert {a["position"] for a in attrs} == {"center"}
+    attrs = [demo.render_scene(np.random.default_rng([3, i]), 64, "star", "red", small_prob=1.0, multi_prob=1.0)[1]
+             for i in range(30)]
+    assert {a["size"] for a in attrs} == {"small"} and {a["count"] for a in attrs} == {2, 3}
+    # a centred, unrotated circle on a solid background is mirror-symmetric; a turned square is not always
+    for i in range(10):
+        img, a = demo.render_scene(np.random.default_rng([4, i]), 64, "circle", "blue", small_prob=0.0,
+                                   multi_prob=0.0, max_offset=0.0, faded_prob=0.0)
+        if a["background"] == "solid":
+            assert np.abs(img.astype(int) - img[:, ::-1].astype(int)).max() <= 2
+    turned = [demo.render_scene(np.random.default_rng([5, i]), 64, "square", "blue", small_prob=0.0, multi_prob=0.0,
+                                max_offset=0.0, faded_prob=0.0, max_rotation=40.0)[0] for i in range(10)]
+    straight = [demo.render_scene(np.random.default_rng([5, i]), 64, "square", "blue", small_prob=0.0,
+                                  multi_prob=0.0, max_offset=0.0, faded_prob=0.0, max_rotation=0.0)[0]
+                for i in range(10)]
+    assert any((t != s).any() for t, s in zip(turned, straight))
+
+
+def test_captions_that_name_one_attribute():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shape_only = demo.make_caption(rng, "heart", "cyan", 1, "large", "gray", "center", shape_only_prob=1.0)
+        assert "heart" in shape_only and "cyan" not in shape_only
+        color_only = demo.make_caption(rng, "heart", "cyan", 2, "small", "gray", None, shape_only_prob=0.0,
+                                       color_only_prob=1.0)
+        assert "cyan" in color_only and "heart" not in color_only
+        both = demo.make_caption(rng, "heart", "cyan", 1, "large", "gray", "center", shape_only_prob=0.0,
+                                 color_only_prob=0.0)
+        assert "heart" in both and "cyan" in both
 
 
 def test_cli(tmp_path, capsys):
