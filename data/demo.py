@@ -169,7 +169,8 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, s
 
 def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *, count: int | None = None,
                  faded_prob: float = 0.1, small_prob: float = 0.1, multi_prob: float = 0.1,
-                 max_rotation: float = 15.0, max_offset: float = 0.05, supersample: int = 2) -> tuple[np.ndarray, dict]:
+                 max_rotation: float = 15.0, max_offset: float = 0.05,
+                 supersample: int = 2) -> tuple[np.ndarray, dict]:
     """Render one scene; returns (uint8 [S, S, 3] image, attributes dict).
 
     ``count`` objects (default: one, or 2-3 with probability ``multi_prob``); they are small with probability
@@ -257,7 +258,8 @@ def make_caption(rng: np.random.Generator, shape: str, color: str, count: int, s
         return pool[int(rng.integers(len(pool)))]
     if u < shape_only_prob + color_only_prob:
         pool = [f"a photo of something {color}", f"a shape colored {color}", f"{color} shapes",
-                f"something {color} on {_article(background)} {background} background", f"{_article(color)} {color} object"]
+                f"something {color} on {_article(background)} {background} background",
+                f"{_article(color)} {color} object"]
         return pool[int(rng.integers(len(pool)))]
     use_size = rng.random() < 0.4
     adj = (size + " " if use_size else "") + color
@@ -432,7 +434,8 @@ def _check_params(params: dict) -> dict:
         if not isinstance(p[k], (int, np.integer)) or isinstance(p[k], bool):
             raise ValueError(f"demo parameter {k}={p[k]!r} must be an int")
         p[k] = int(p[k])
-    for k in ("faded_prob", "small_prob", "multi_prob", "shape_only_prob", "color_only_prob", "noise_prob", "noise_prob_easy", "contrast_threshold"):
+    for k in ("faded_prob", "small_prob", "multi_prob", "shape_only_prob", "color_only_prob", "noise_prob",
+              "noise_prob_easy", "contrast_threshold"):
         p[k] = float(p[k])
         if not 0.0 <= p[k] <= 1.0:
             raise ValueError(f"demo parameter {k}={p[k]} must be in [0, 1]")
