@@ -109,4 +109,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from hetclip.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()  # measure the loop as hetclip-train runs it (glibc's allocator is much slower)
     main()
