@@ -168,9 +168,9 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, s
 
 
 def render_scene(rng: np.random.Generator, size: int, shape: str, color: str, *, count: int | None = None,
-                 faded_prob: float = 0.1, small_prob: float = 0.1, multi_prob: float = 0.1,
-                 max_rotation: float = 15.0, max_offset: float = 0.05,
-                 supersample: int = 2) -> tuple[np.ndarray, dict]:
+                 faded_prob: float = DEFAULTS["faded_prob"], small_prob: float = DEFAULTS["small_prob"],
+                 multi_prob: float = DEFAULTS["multi_prob"], max_rotation: float = DEFAULTS["max_rotation"],
+                 max_offset: float = DEFAULTS["max_offset"], supersample: int = 2) -> tuple[np.ndarray, dict]:
     """Render one scene; returns (uint8 [S, S, 3] image, attributes dict).
 
     ``count`` objects (default: one, or 2-3 with probability ``multi_prob``); they are small with probability
@@ -242,7 +242,8 @@ def _article(word: str) -> str:
 
 
 def make_caption(rng: np.random.Generator, shape: str, color: str, count: int, size: str, background: str,
-                 position: str | None, *, shape_only_prob: float = 0.3, color_only_prob: float = 0.05) -> str:
+                 position: str | None, *, shape_only_prob: float = DEFAULTS["shape_only_prob"],
+                 color_only_prob: float = DEFAULTS["color_only_prob"]) -> str:
     """One caption of many phrasings for the (possibly corrupted) attribute words.
 
     With probability ``shape_only_prob`` the caption names the shape but not the colour (``color_only_prob``:
@@ -424,6 +425,11 @@ class DemoPaths:
         return {**dataclasses.asdict(self), "train_shards": list(self.train_shards)}
 
 
+_FLOAT_RANGES = {k: (0.0, 1.0) for k in ("faded_prob", "small_prob", "multi_prob", "shape_only_prob",
+                                         "color_only_prob", "noise_prob", "noise_prob_easy", "contrast_threshold")}
+_FLOAT_RANGES.update(max_offset=(0.0, 0.5), max_rotation=(0.0, 180.0))  # fraction of the image; degrees
+
+
 def _check_params(params: dict) -> dict:
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
@@ -434,17 +440,10 @@ def _check_params(params: dict) -> dict:
         if not isinstance(p[k], (int, np.integer)) or isinstance(p[k], bool):
             raise ValueError(f"demo parameter {k}={p[k]!r} must be an int")
         p[k] = int(p[k])
-    for k in ("faded_prob", "small_prob", "multi_prob", "shape_only_prob", "color_only_prob", "noise_prob",
-              "noise_prob_easy", "contrast_threshold"):
+    for k, (lo, hi) in _FLOAT_RANGES.items():
         p[k] = float(p[k])
-        if not 0.0 <= p[k] <= 1.0:
-            raise ValueError(f"demo parameter {k}={p[k]} must be in [0, 1]")
-    p["max_offset"] = float(p["max_offset"])
-    if not 0.0 <= p["max_offset"] <= 0.5:
-        raise ValueError(f"demo parameter max_offset={p['max_offset']} must be in [0, 0.5]")
-    p["max_rotation"] = float(p["max_rotation"])
-    if not 0.0 <= p["max_rotation"] <= 180.0:
-        raise ValueError(f"demo parameter max_rotation={p['max_rotation']} must be in [0, 180] degrees")
+        if not lo <= p[k] <= hi:
+            raise ValueError(f"demo parameter {k}={p[k]} must be in [{lo:g}, {hi:g}]")
     if p["shape_only_prob"] + p["color_only_prob"] > 1.0:
         raise ValueError(f"demo parameters shape_only_prob + color_only_prob = "
                          f"{p['shape_only_prob'] + p['color_only_prob']} must be <= 1")
