@@ -191,4 +191,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from hetclip.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc()  # train as hetclip-train does (glibc's allocator makes XLA's steps much slower)
     main()
