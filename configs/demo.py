@@ -27,8 +27,9 @@ def get_config(arg: str = ""):
     c.batch_size = 128
     c.total_steps = 900
     c.log_every = 20
-    # Peak 5e-4: zero-shot shape after 900 steps was 52 % at 1e-3, 64 % at 5e-4, 61 % at 3e-4 and
-    # ~16 % at 3e-3 (one seed each, notes of issue 4): a high rate keeps the model on the colour shortcut.
+    # Peak 5e-4: zero-shot shape after 900 steps was 52 % at 1e-3, 64 % at 5e-4 and 61 % at 3e-4; 3e-3 was
+    # still at 16 % at step 600 (one seed each, notes of issue 4): a high rate keeps the model on the colour
+    # shortcut.
     c.optim.update(lr=5e-4, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
     c.data.update(image_size=64, crop_scale=(0.8, 1.0), shuffle_buffer=2000, num_workers=2,
                   tokenizer=dict(kind="hf", path="", context_length=24, lower_case=True))
