@@ -80,6 +80,64 @@ def _timed(fn, n: int) -> list[float]:
     return times
 
 
+def hetclip_model_cfg(spec: dict):
+    """The hetclip preset for a benchmark spec (model, dtype, het), checked against ``ARCH``."""
+    from hetclip.model import preset
+
+    a = ARCH[spec["model"]]
+    over = dict(dtype=spec["dtype"], embed_dim=a["embed"],
+                text={"vocab_size": a["vocab"], "eos_token_id": a["vocab"] - 1, "context_length": a["ctx"]})
+    if spec["het"]:
+        over["het"] = {"enabled": True, "num_samples": spec["het"]}
+    cfg = preset(spec["model"], **over)
+    v, t = cfg.vision, cfg.text
+    got = dict(vw=v.width, vl=v.layers, vh=v.heads, patch=v.patch_size, image=v.image_size, tw=t.width,
+               tl=t.layers, th=t.heads, act=v.activation)
+    for k, val in got.items():
+        if a[k] != val:
+            raise ValueError(f"bench ARCH[{spec['model']!r}][{k!r}]={a[k]} but the hetclip preset has {val}")
+    return cfg
+
+
+def hetclip_inputs(spec: dict):
+    """Random images ``[b, H, W, 3]`` and token ids ``[b, ctx]`` (one EOS per row) for a spec."""
+    import numpy as np
+
+    a = ARCH[spec["model"]]
+    b = spec["batch"]
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((b, a["image"], a["image"], 3), dtype=np.float32)
+    tokens = rng.integers(1, a["vocab"] - 1, (b, a["ctx"]), dtype=np.int32)
+    tokens[np.arange(b), rng.integers(5, a["ctx"], b)] = a["vocab"] - 1
+    return images, tokens
+
+
+def hetclip_train_parts(spec: dict, params=None):
+    """What the benchmark's training step is made of: ``(jitted step, state, device batch)``.
+
+    The step is ``hetclip.train.make_train_step`` on a 1-device mesh with the base recipe's optimizer,
+    jitted with the state donated; call it as ``step(state, batch, key)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from hetclip import distributed as dist
+    from hetclip.configs import _base
+    from hetclip.model import init_params
+    from hetclip.train import make_optimizer, make_train_step
+
+    cfg = hetclip_model_cfg(spec)
+    images, tokens = hetclip_inputs(spec)
+    params = init_params(cfg, jax.random.key(0)) if params is None else params
+    run_cfg = _base.base_config(spec["model"])
+    run_cfg.optim.warmup_steps = 10
+    mesh = dist.make_mesh(1, 1, devices=jax.devices()[:1])
+    optimizer, _ = make_optimizer(run_cfg, params, 1000)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    step_fn = jax.jit(make_train_step(cfg, optimizer, mesh), donate_argnums=(0,))
+    batch = dist.global_batch({"image": images, "text": tokens}, mesh)
+    return step_fn, state, batch
+
+
 def hetclip_worker(threads: int, xla_config: bool) -> None:
     # What hetclip's console scripts do (HETCLIP_ALLOCATOR=system measures glibc's allocator instead).
     from hetclip.allocator import loaded_allocator, reexec_with_mimalloc
@@ -90,54 +148,23 @@ def hetclip_worker(threads: int, xla_config: bool) -> None:
 
         configure_cpu_flags()
     import jax
-    import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
-    from hetclip import distributed as dist
-    from hetclip.configs import _base
-    from hetclip.model import Encoders, count_params, init_params, preset
-    from hetclip.train import make_optimizer, make_train_step
+    from hetclip.model import Encoders, count_params, init_params
 
     jax.config.update("jax_platforms", "cpu")
     variants = {}
 
-    def model_cfg(spec):
-        a = ARCH[spec["model"]]
-        over = dict(dtype=spec["dtype"], embed_dim=a["embed"],
-                    text={"vocab_size": a["vocab"], "eos_token_id": a["vocab"] - 1, "context_length": a["ctx"]})
-        if spec["het"]:
-            over["het"] = {"enabled": True, "num_samples": spec["het"]}
-        cfg = preset(spec["model"], **over)
-        v, t = cfg.vision, cfg.text
-        got = dict(vw=v.width, vl=v.layers, vh=v.heads, patch=v.patch_size, image=v.image_size, tw=t.width,
-                   tl=t.layers, th=t.heads, act=v.activation)
-        for k, val in got.items():
-            if a[k] != val:
-                raise ValueError(f"bench ARCH[{spec['model']!r}][{k!r}]={a[k]} but the hetclip preset has {val}")
-        return cfg
-
     def setup(msg):
         spec = msg["spec"]
-        cfg = model_cfg(spec)
-        a = ARCH[spec["model"]]
-        b = spec["batch"]
-        rng = np.random.default_rng(0)
-        images = rng.standard_normal((b, a["image"], a["image"], 3), dtype=np.float32)
-        tokens = rng.integers(1, a["vocab"] - 1, (b, a["ctx"]), dtype=np.int32)
-        tokens[np.arange(b), rng.integers(5, a["ctx"], b)] = a["vocab"] - 1
+        cfg = hetclip_model_cfg(spec)
+        images, tokens = hetclip_inputs(spec)
         params = init_params(cfg, jax.random.key(0))
         n_params = count_params({k: v for k, v in params.items() if k != "het_head"})
         n_head = count_params(params.get("het_head", {}))
         t0 = time.perf_counter()
         if spec["mode"] == "train":
-            run_cfg = _base.base_config(spec["model"])
-            run_cfg.optim.warmup_steps = 10
-            mesh = dist.make_mesh(1, 1, devices=jax.devices()[:1])
-            optimizer, _ = make_optimizer(run_cfg, params, 1000)
-            state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-            step_fn = jax.jit(make_train_step(cfg, optimizer, mesh), donate_argnums=(0,))
-            batch = dist.global_batch({"image": images, "text": tokens}, mesh)
+            step_fn, state, batch = hetclip_train_parts(spec, params)
             holder = {"state": state, "i": 0}
             key = jax.random.key(1)
 
