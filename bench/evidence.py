@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def main(argv=None):
         results = train_all(args)
         machine = _machine()
         interpretation = ""  # written by hand into the JSON after looking at a run, never generated
-        cmd = ("python bench/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        cmd = shlex.join(["python", "bench/evidence.py"] + list(argv if argv is not None else sys.argv[1:]))
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "command": cmd, "machine": machine, "results": results}, f, indent=2)
@@ -161,7 +162,7 @@ def main(argv=None):
     text = [
         "# Results at small scale",
         "",
-        "Produced by `bench/evidence.py`; raw numbers in `bench/results/evidence.json`. "
+        f"Produced by `bench/evidence.py`; raw numbers in `{args.json}`. "
         f"Command: `{cmd}` ({args.seeds} seed(s), {args.steps} steps of the `demo` recipe, "
         f"caption noise {args.noise} on hard samples, {args.noise_easy} on the others). Mean ± standard deviation over seeds. "
         f"Machine: {machine}.",
