@@ -13,6 +13,9 @@ import sys
 #   --xla_cpu_use_onednn=true (+ --xla_cpu_experimental_onednn_custom_call=true): train -8%, image +11%
 #   --xla_cpu_use_xnnpack=false: ±5%;  --xla_cpu_enable_fast_math=true: ±2%
 #   --xla_cpu_experimental_xnn_fusion_type=individual_dot / ..._ynn_fusion_type=individual_dot: within noise
+# On the 2-core AVX2 EPYC (tiny train step, same process, ±8 % noise): YNN fusion off, YNN dot+eltwise+reduce (28 % slower),
+# YNN individual_dot (18 % slower), XNN dot+eltwise, --xla_cpu_use_xnnpack=false, XNN graph fusion GREEDY,
+# --xla_cpu_multi_thread_eigen=false, --xla_cpu_enable_concurrency_optimized_scheduler=false: none faster.
 # Add a flag here only with a measured gain; users' own XLA_FLAGS always win.
 CPU_FLAGS: dict[str, str] = {}
 

@@ -81,3 +81,18 @@ ENTRY %main (a: f32[8,4,16], w: f32[16,3]) -> f32[3,32] {
     assert table["dot_fusion"]["flops"] == 2 * 8 * 4 * 3 * 16
     assert table["copy_fusion"]["kind"] == "layout copy"
     assert table["a"]["kind"] == "layout copy" and table["a"]["flops"] == 0
+
+
+def test_async_matmuls_and_groups(prof):
+    table = {"fast": {"kind": "dense matmul", "flops": 2e9, "shape": "f32[8,8]", "ops": ["dot"]},
+             "launch_only": {"kind": "dense matmul", "flops": 2e9, "shape": "f32[8,8]", "ops": ["dot"]},
+             "add1": {"kind": "elementwise", "flops": 0.0, "shape": "f32[8]", "ops": ["add"]},
+             "add2": {"kind": "elementwise", "flops": 0.0, "shape": "f32[8]", "ops": ["add"]}}
+    times = {"fast": 0.02, "launch_only": 0.0001, "add1": 0.003, "add2": 0.001}  # 100 vs 20,000 GFLOP/s
+    assert prof.mark_async(table, times, max_gflops=150.0) == 1
+    assert table["fast"]["kind"] == "dense matmul" and table["launch_only"]["kind"] == "async matmul"
+    groups = prof.group_ops(table, times)
+    assert groups[0]["example"] == "fast" and groups[0]["count"] == 1
+    adds = next(g for g in groups if g["kind"] == "elementwise")
+    assert adds["count"] == 2 and adds["s"] == pytest.approx(0.004)
+    assert sum(g["s"] for g in groups) == pytest.approx(sum(times.values()))
