@@ -45,6 +45,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from throughput import ARCH, _timed, hetclip_train_parts  # noqa: E402  (bench/ scripts, no jax at import)
+
 KINDS = ("dense matmul", "attention matmul", "layout copy", "reduction", "elementwise", "async matmul")
 _MOVE_OPS = {"parameter", "constant", "transpose", "copy", "bitcast", "reshape", "broadcast", "concatenate",
              "slice", "dynamic-slice", "dynamic-update-slice", "pad", "gather", "scatter", "tuple",
@@ -211,21 +213,12 @@ def torch_matmul_gflops(python: str, m: int, k: int, n: int, dtype: str, threads
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _times(fn, n: int) -> list[float]:
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
-
-
 def _min_time(fn, n: int) -> float:
-    return min(_times(fn, n))
+    return min(_timed(fn, n))
 
 
 def _median_time(fn, n: int) -> float:
-    return statistics.median(_times(fn, n))
+    return statistics.median(_timed(fn, n))
 
 
 def markdown(rep: dict) -> str:
@@ -282,7 +275,6 @@ def main(argv=None) -> int:
     import jax
 
     from hetclip.xla import configure_cpu_flags, cpu_description
-    from throughput import ARCH, hetclip_train_parts
 
     configure_cpu_flags()
     a = ARCH[args.model]
