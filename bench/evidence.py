@@ -145,8 +145,9 @@ def main(argv=None):
         results, cmd = saved["results"], saved.get("command", "python bench/evidence.py")
         machine = saved.get("machine", "not recorded")
         interpretation = saved.get("interpretation", "")
-        for k in ("seeds", "steps", "noise", "noise_easy"):
-            setattr(args, k, saved["args"].get(k, 0.0))
+        for k in ("seeds", "steps", "noise"):
+            setattr(args, k, saved["args"][k])
+        args.noise_easy = saved["args"].get("noise_easy", 0.0)  # JSON written before --noise-easy existed
     else:
         results = train_all(args)
         machine = _machine()

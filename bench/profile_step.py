@@ -45,7 +45,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from throughput import ARCH, _timed, hetclip_train_parts  # noqa: E402  (bench/ scripts, no jax at import)
+from throughput import (ARCH, _timed, hetclip_inputs, hetclip_model_cfg,  # noqa: E402  (no jax at import)
+                        hetclip_train_parts)
 
 KINDS = ("dense matmul", "attention matmul", "layout copy", "reduction", "elementwise", "async matmul")
 _MOVE_OPS = {"parameter", "constant", "transpose", "copy", "bitcast", "reshape", "broadcast", "concatenate",
@@ -103,7 +104,7 @@ def classify(text: str) -> dict:
         flops, batched = 0.0, False
         for n in body_names:
             s, o, r = instrs[n]
-            if o in ("dot", "convolution"):
+            if o == "dot":
                 f, b = _dot_flops(instrs, r, s)
                 flops += f
                 batched = batched or b
@@ -283,7 +284,11 @@ def main(argv=None) -> int:
     n_tok = (a["image"] // a["patch"]) ** 2 + 1
     m, k, n = spec["batch"] * n_tok, a["vw"], 4 * a["vw"]
     jax_before = jax_matmul_gflops(m, k, n, args.dtype)
-    step_fn, state, batch = hetclip_train_parts(spec)
+    from hetclip.model import init_params
+
+    cfg = hetclip_model_cfg(spec)
+    params = init_params(cfg, jax.random.key(0))
+    step_fn, state, batch = hetclip_train_parts(spec, cfg, params, *hetclip_inputs(spec))
     key = jax.random.key(1)
     compiled = step_fn.lower(state, batch, key).compile()
     table = classify(compiled.as_text())

@@ -112,7 +112,7 @@ def hetclip_inputs(spec: dict):
     return images, tokens
 
 
-def hetclip_train_parts(spec: dict, params=None):
+def hetclip_train_parts(spec: dict, cfg, params, images, tokens):
     """What the benchmark's training step is made of: ``(jitted step, state, device batch)``.
 
     The step is ``hetclip.train.make_train_step`` on a 1-device mesh with the base recipe's optimizer,
@@ -122,12 +122,8 @@ def hetclip_train_parts(spec: dict, params=None):
 
     from hetclip import distributed as dist
     from hetclip.configs import _base
-    from hetclip.model import init_params
     from hetclip.train import make_optimizer, make_train_step
 
-    cfg = hetclip_model_cfg(spec)
-    images, tokens = hetclip_inputs(spec)
-    params = init_params(cfg, jax.random.key(0)) if params is None else params
     run_cfg = _base.base_config(spec["model"])
     run_cfg.optim.warmup_steps = 10
     mesh = dist.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -164,7 +160,7 @@ def hetclip_worker(threads: int, xla_config: bool) -> None:
         n_head = count_params(params.get("het_head", {}))
         t0 = time.perf_counter()
         if spec["mode"] == "train":
-            step_fn, state, batch = hetclip_train_parts(spec, params)
+            step_fn, state, batch = hetclip_train_parts(spec, cfg, params, images, tokens)
             holder = {"state": state, "i": 0}
             key = jax.random.key(1)
 
