@@ -16,6 +16,9 @@ import sys
 # On the 2-core AVX2 EPYC (tiny train step, same process, ±8 % noise): YNN fusion off, YNN dot+eltwise+reduce (28 % slower),
 # YNN individual_dot (18 % slower), XNN dot+eltwise, --xla_cpu_use_xnnpack=false, XNN graph fusion GREEDY,
 # --xla_cpu_multi_thread_eigen=false, --xla_cpu_enable_concurrency_optimized_scheduler=false: none faster.
+# Later (same step, one process per setting, 2 rounds): --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED,
+# --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME, --xla_cpu_use_onednn=true: within noise; tiling propagation
+# 20 % slower; --xla_cpu_use_multi_output_fusion=true did not run.
 # Add a flag here only with a measured gain; users' own XLA_FLAGS always win.
 CPU_FLAGS: dict[str, str] = {}
 
