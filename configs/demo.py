@@ -21,7 +21,7 @@ def get_config(arg: str = ""):
         # faster from them (notes of issue 4), so the budget buys ~3x the steps.
         vision=dict(width=160, layers=4, heads=5, patch_size=16, image_size=64),
         text=dict(width=128, layers=2, heads=2, context_length=24),
-        embed_dim=128, dtype="auto")  # bf16 where it is fast (AMX, GPU, TPU)
+        embed_dim=128, dtype="auto")  # bf16 where it is fast (AMX, AVX-512 BF16, GPU, TPU)
     if het:
         c.model.het.update(num_factors=8, num_samples=8, sample_chunk=8)
     c.batch_size = 128

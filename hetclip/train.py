@@ -167,7 +167,7 @@ def make_loss(model_cfg: ModelConfig, mesh):
     het = model_cfg.het
     axes = dist.BATCH_AXES
     batch_spec = P(axes)
-    # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX); logsumexps stay fp32.
+    # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX, AVX-512 BF16); logsumexps stay fp32.
     mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
 
     def local(emb, shared, key):

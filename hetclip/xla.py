@@ -69,6 +69,6 @@ def cpu_description() -> str:
     """``"<model name> (<arch>), <widest matmul ISA>, <n> cores"`` for benchmark and result headers."""
     model = _cpuinfo().get("model name") or platform.processor() or "unknown CPU"
     flags = cpu_flags()
-    isa = ("AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
-           else "no AVX2")
+    isa = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
     return f"{model} ({platform.machine()}), {isa}, {os.cpu_count()} cores"

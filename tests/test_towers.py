@@ -361,10 +361,15 @@ def test_text_config_errors():
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
-    """'auto' is bf16 only where bf16 matmuls are fast (AMX on CPU), else fp32; it validates like the others."""
+    """'auto' is bf16 only where bf16 matmuls are fast (AMX or AVX-512 BF16 on CPU), else fp32; it validates
+    like the others."""
     monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert towers.compute_dtype("auto") == jnp.float32
+    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert towers.compute_dtype("auto") == jnp.float32  # AVX-512 without its bf16 extension
     monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
+    assert towers.compute_dtype("auto") == jnp.bfloat16
+    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert towers.compute_dtype("auto") == jnp.bfloat16
     from hetclip.model import preset
     assert preset("tiny", dtype="auto").dtype == "auto"
