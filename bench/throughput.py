@@ -4,7 +4,11 @@
 
 Each framework runs in its own persistent subprocess (compilation / warm-up is paid once per
 variant); the driver alternates short timed blocks of every variant of a case for several rounds,
-so load from other processes on a shared machine hits all variants alike. Both sides build the same
+so load from other processes on a shared machine hits all variants alike. Every block starts with
+one untimed step (``--block-warmup``): on a VM the first step after a worker sat idle for the other
+variants' blocks can be much slower (measured: a hetclip B/32 fp32 step 4.5 s in a row, 8.5-11 s after
+2-20 s idle, the extra being kernel time zeroing the step's 3.4 GB temp buffer that XLA maps afresh
+every step, whose backing the host had reclaimed), which is not what a training loop sees. Both sides build the same
 architecture (open_clip's ``CLIP`` from the hetclip preset's dimensions; parameter counts are
 asserted equal), the same batch, resolution and precision (fp32, or bf16 = ``torch.autocast(cpu,
 bfloat16)`` vs hetclip ``dtype='bfloat16'``: bf16 matmul inputs, fp32 parameters/accumulation),
@@ -363,7 +367,8 @@ def run_group(group, workers, args, log) -> dict:
     for r in range(args.rounds):
         for e in (entries if r % 2 == 0 else entries[::-1]):
             n = max(1, min(args.max_steps_per_block, round(args.block_seconds / max(e["setup"]["warm"], 1e-4))))
-            e["times"] += workers[e["framework"]].call(op="run", id=e["id"], n=n)["times"]
+            times = workers[e["framework"]].call(op="run", id=e["id"], n=n + args.block_warmup)["times"]
+            e["times"] += times[args.block_warmup:]
     for e in entries:
         workers[e["framework"]].call(op="free", id=e["id"])
         e["stats"] = _stats(e["times"], group["batch"], flops)
@@ -386,7 +391,7 @@ def markdown(report: dict) -> str:
              f" (XLA_FLAGS=`{report['xla_flags']}`, allocator {report['versions'].get('hetclip_allocator', 'system')})"
              f", open_clip {report['versions'].get('open_clip')} on torch "
              f"{report['versions'].get('torch')}. Interleaved: {report['rounds']} rounds of ~{report['block_seconds']} s "
-             "blocks per variant. Step time = median (IQR); GFLOP/s from analytic matmul FLOPs (train = 3x forward). "
+             f"blocks per variant, each after {report.get('block_warmup', 0)} untimed step(s). Step time = median (IQR); GFLOP/s from analytic matmul FLOPs (train = 3x forward). "
              f"1-min load average during the run: {report.get('loadavg', '?')} (other jobs share the 2 cores).", "",
              "| model | mode | dtype | batch | framework | samples/s | step ms median (IQR) | GFLOP/s | hetclip / open_clip |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -419,6 +424,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 4, --quick 2)")
     ap.add_argument("--block-seconds", type=float, default=0.0, help="time per block (default 3, --quick 1)")
     ap.add_argument("--max-steps-per-block", type=int, default=20)
+    ap.add_argument("--block-warmup", type=int, default=1,
+                    help="untimed steps at the start of every block (default 1): the first step after a "
+                         "worker sat idle can pay for memory the VM's host took back meanwhile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-xla-config", action="store_true", help="don't apply hetclip.xla.configure_cpu_flags()")
     ap.add_argument("--quick", action="store_true", help="tiny only, half batch, fewer/shorter rounds")
@@ -468,7 +476,8 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", "bench/throughput.py"] +
                                                                            (argv if argv is not None else sys.argv[1:])),
               "machine": cpu_description(),
-              "threads": args.threads, "rounds": args.rounds, "block_seconds": args.block_seconds, "groups": []}
+              "threads": args.threads, "rounds": args.rounds, "block_seconds": args.block_seconds,
+              "block_warmup": args.block_warmup, "groups": []}
     try:
         versions = workers["hetclip"].call(op="info")
         if "open_clip" in workers:
