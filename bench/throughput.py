@@ -5,12 +5,9 @@
 Each framework runs in its own persistent subprocess (compilation / warm-up is paid once per
 variant); the driver alternates short timed blocks of every variant of a case for several rounds,
 so load from other processes on a shared machine hits all variants alike. Every block starts with
-one untimed step (``--block-warmup``): on a VM the first step after a worker sat idle for the other
-variants' blocks can be much slower (measured: a hetclip B/32 fp32 step 4.5 s in a row, 8.5-11 s after
-2-20 s idle, the extra being kernel time zeroing the step's 3.4 GB temp buffer that XLA maps afresh
-every step, whose backing the host had reclaimed), which is not what a training loop sees. Both sides build the same
-architecture (open_clip's ``CLIP`` from the hetclip preset's dimensions; parameter counts are
-asserted equal), the same batch, resolution and precision (fp32, or bf16 = ``torch.autocast(cpu,
+untimed steps (``--block-warmup``, default 1: the first step after a worker sat idle can be much
+slower on a VM, see bench/README.md). Both sides build the same architecture (open_clip's ``CLIP``
+from the hetclip preset's dimensions; parameter counts are asserted equal), the same batch, resolution and precision (fp32, or bf16 = ``torch.autocast(cpu,
 bfloat16)`` vs hetclip ``dtype='bfloat16'``: bf16 matmul inputs, fp32 parameters/accumulation),
 the same loss (CLIP softmax), AdamW with global-norm clipping 1.0, and the same thread count.
 hetclip trains with ``hetclip.train.make_train_step`` on a 1-device mesh (donated state) and infers
@@ -391,7 +388,8 @@ def markdown(report: dict) -> str:
              f" (XLA_FLAGS=`{report['xla_flags']}`, allocator {report['versions'].get('hetclip_allocator', 'system')})"
              f", open_clip {report['versions'].get('open_clip')} on torch "
              f"{report['versions'].get('torch')}. Interleaved: {report['rounds']} rounds of ~{report['block_seconds']} s "
-             f"blocks per variant, each after {report.get('block_warmup', 0)} untimed step(s). Step time = median (IQR); GFLOP/s from analytic matmul FLOPs (train = 3x forward). "
+             f"blocks per variant, each after {report.get('block_warmup', 0)} untimed step(s). "
+             "Step time = median (IQR); GFLOP/s from analytic matmul FLOPs (train = 3x forward). "
              f"1-min load average during the run: {report.get('loadavg', '?')} (other jobs share the 2 cores).", "",
              "| model | mode | dtype | batch | framework | samples/s | step ms median (IQR) | GFLOP/s | hetclip / open_clip |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -455,6 +453,8 @@ def main(argv=None) -> int:
     for d in args.dtypes:
         if d not in ("float32", "bfloat16"):
             ap.error(f"--dtypes: unknown dtype {d!r} (float32, bfloat16)")
+    if args.block_warmup < 0:
+        ap.error(f"--block-warmup: must be >= 0, got {args.block_warmup}")
     args.het_samples = [int(s) for s in args.het_samples.split(",") if s]
     args.het_models = args.cases if args.het_models is None else [m for m in args.het_models.split(",") if m]
     args.rounds = args.rounds or (2 if args.quick else 4)

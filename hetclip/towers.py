@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetclip.xla import cpu_flags
+from hetclip.xla import BF16_DOT_FLAGS, cpu_flags
 
 LN_EPS = 1e-5
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -48,7 +48,7 @@ def fast_bf16_matmul() -> bool:
     bf16 training step is about 10 % slower than fp32."""
     if jax.default_backend() != "cpu":
         return True
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return bool(BF16_DOT_FLAGS & cpu_flags())
 
 
 def compute_dtype(name: Any):

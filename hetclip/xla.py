@@ -22,6 +22,9 @@ import sys
 # Add a flag here only with a measured gain; users' own XLA_FLAGS always win.
 CPU_FLAGS: dict[str, str] = {}
 
+# /proc/cpuinfo flags of CPUs with native bf16 dot products (bf16 x bf16 -> fp32 in hardware).
+BF16_DOT_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
 
 def configure_cpu_flags(flags: dict[str, str] | None = None) -> list[str]:
     """Add hetclip's XLA CPU flags to ``XLA_FLAGS`` (returns the ones added).
