@@ -1,16 +1,5 @@
 """bench/evidence.py's report: re-rendered from saved JSON, with differences judged against the seed spread."""
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _res(shape, color, nll=2.0):
@@ -20,8 +9,8 @@ def _res(shape, color, nll=2.0):
     return out
 
 
-def test_report_from_json(tmp_path):
-    ev = _load()
+def test_report_from_json(bench_script, tmp_path):
+    ev = bench_script("evidence")
     results = {"DET": [_res(0.50, 0.90), _res(0.52, 0.92)],
                "HET-XL": [_res(0.70, 0.91, 1.5), _res(0.72, 0.90, 1.6)],
                "HET-XL fixed τ=0.1": [_res(0.60, 0.80)]}
@@ -40,8 +29,8 @@ def test_report_from_json(tmp_path):
     assert "14.45×" in text  # parameter table at JFT-4B scale
 
 
-def test_reading_flags_an_unlearned_task():
-    ev = _load()
+def test_reading_flags_an_unlearned_task(bench_script):
+    ev = bench_script("evidence")
     text = ev.reading({"DET": [_res(0.13, 0.9)], "HET-XL": [_res(0.12, 0.9)]})
     assert "shape: DET top1 0.130 vs chance 0.125 (at most 1.5x chance" in text
     assert "color: DET top1 0.900 vs chance 0.125\n" in text

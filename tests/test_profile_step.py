@@ -1,23 +1,14 @@
 """bench/profile_step.py: op classification of optimised HLO and per-op times from a real profiler trace."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def prof():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def prof(bench_script):
+    return bench_script("profile_step")
 
 
 def _attention_block(x, w, wo):
