@@ -1,7 +1,22 @@
 """Shared defaults of every recipe; each recipe file changes what differs."""
+import difflib
+
 import ml_collections
 
+from hetclip.config import ConfigError
 from hetclip.model import preset
+
+VARIANTS = ("het",)
+
+
+def variants(arg: str, allowed=VARIANTS) -> set:
+    """The comma-separated variants after ``recipe:`` (``clip_b32:het``); an unknown one is an error."""
+    flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
+    for flag in sorted(flags - set(allowed)):
+        near = difflib.get_close_matches(flag, allowed, n=1)
+        raise ConfigError(f"unknown recipe variant {flag!r}; this recipe knows {list(allowed)}"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
+    return flags
 
 
 def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) -> ml_collections.ConfigDict:

@@ -3,11 +3,11 @@
     hetclip-train --config clip_b32[:het] --config.data.shards='/data/laion/{00000..41407}.tar' \
         --config.data.tokenizer.path=/models/clip-tokenizer --config.eval.tasks.0.dir=/data/imagenet/val
 """
-from hetclip.configs._base import base_config, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_task
 
 
 def get_config(arg: str = ""):
-    c = base_config("B/32", het=(arg == "het"))
+    c = base_config("B/32", het="het" in variants(arg))
     c.eval.tasks = [imagenet_task()]
     c.eval.every_steps = 5000
     return c

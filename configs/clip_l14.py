@@ -1,9 +1,9 @@
 """CLIP ViT-L/14: FSDP over 8 devices per data replica, remat, bf16 compute. ``clip_l14:het`` for HET-XL."""
-from hetclip.configs._base import base_config, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_task
 
 
 def get_config(arg: str = ""):
-    c = base_config("L/14", het=(arg == "het"), remat=True, dtype="bfloat16")
+    c = base_config("L/14", het="het" in variants(arg), remat=True, dtype="bfloat16")
     c.mesh.fsdp = 8
     c.optim.lr = 4e-4
     c.eval.tasks = [imagenet_task()]

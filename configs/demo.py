@@ -7,12 +7,12 @@
 Generates the demo data if missing (``demo.dir``), trains, evaluates zero-shot on the held-out
 split (by shape, colour, and shape+colour including unseen pairs) and exports to Hugging Face format.
 """
-from hetclip.configs._base import base_config
+from hetclip.configs._base import base_config, variants
 from hetclip.data.demo import DEFAULTS as DEMO_DEFAULTS
 
 
 def get_config(arg: str = ""):
-    het = "het" in arg.split(",")
+    het = "het" in variants(arg)
     c = base_config(
         "tiny", het=het,
         # Sized so that the whole main job stays under 10 minutes on 2 AVX2 cores in fp32 (the captions

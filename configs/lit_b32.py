@@ -5,11 +5,11 @@
 
 ``lit_b32:het`` adds a HET-XL head on the locked image features (the head is trained).
 """
-from hetclip.configs._base import base_config, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_task
 
 
 def get_config(arg: str = ""):
-    c = base_config("B/32", het=(arg == "het"))
+    c = base_config("B/32", het="het" in variants(arg))
     c.freeze.image = True
     c.optim.lr = 1e-3
     c.total_samples = 3_000_000_000

@@ -1,16 +1,46 @@
-"""Console-script entry points (``pyproject.toml``) of the heavy tools: each re-executes once with the
-faster allocator (``hetclip.allocator``), then imports and runs the module's ``main``. Calling those
-``main`` functions in-process (as the tests do) never re-executes."""
+"""Console-script entry points (``pyproject.toml``) of the heavy tools, and the error policy of every command.
+
+Each heavy tool re-executes once with the faster allocator (``hetclip.allocator``), then imports and
+runs the module's ``main``. Calling those ``main`` functions in-process (as the tests do) never
+re-executes.
+
+Every ``main`` returns an exit status through ``guarded``: 0 on success, 2 for an expected error
+(bad input, config, checkpoint, disk), printed as one message that names the file, key or step;
+a traceback only for a bug, or with ``--debug`` / ``HETCLIP_DEBUG=1``.
+"""
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import os
+import sys
+from typing import Callable, Sequence
 
 from hetclip.allocator import reexec_with_mimalloc
 
 
-def _tool(module: str, function: str = "main") -> Callable[[], object]:
-    def run():
+def is_expected(e: BaseException) -> bool:
+    """Errors a user can act on: bad values and files (ValueError, OSError) and hetclip's own error types."""
+    return isinstance(e, (ValueError, OSError)) or type(e).__module__.split(".")[0] == "hetclip"
+
+
+def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> int:
+    """Run ``body`` and turn its outcome into an exit status (see the module docstring)."""
+    debug = "--debug" in argv or os.environ.get("HETCLIP_DEBUG", "") not in ("", "0")
+    try:
+        status = body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into expected errors and bugs below
+        if debug or not is_expected(e):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def _tool(module: str, function: str = "main") -> Callable[[], int]:
+    def run() -> int:
         reexec_with_mimalloc()
         return getattr(importlib.import_module(module), function)()
     run.__name__ = run.__qualname__ = f"{module.rsplit('.', 1)[-1]}_{function}"

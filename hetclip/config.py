@@ -28,7 +28,10 @@ def _module_from_path(path: str):
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load config file {path!r}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
     return module
 
 
@@ -55,7 +58,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         module = importlib.import_module(f"hetclip.configs.{name}")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config {spec!r} defines no get_config()")
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config file is user code: name it and where it failed
+        raise ConfigError(f"config {spec!r}: get_config() failed: {type(e).__name__}: {e}") from e
     if not isinstance(cfg, ml_collections.ConfigDict):
         cfg = ml_collections.ConfigDict(cfg)
     cfg.lock()

@@ -379,47 +379,49 @@ def export_stablehlo(model_cfg, params, tokenizer, preprocess, out_dir, force: b
 
 # ----------------------------------------------------------------------------------------- CLI
 
-def load_checkpoint(checkpoint: str, step: Optional[int] = None):
-    """``(model_cfg, params, tokenizer_spec, preprocess)`` from a hetclip training checkpoint."""
-    from hetclip.checkpoint import load_encoders
-
-    model_cfg, params, tokenizer_spec, preprocess, *_ = load_encoders(checkpoint, step)
-    return model_cfg, params, tokenizer_spec, preprocess
-
-
 def export_checkpoint(checkpoint: str, fmt: str, out: str, force: bool = False, step: Optional[int] = None,
                       platforms: Optional[Sequence[str]] = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; choose one of {FORMATS}")
+    from hetclip.checkpoint import load_run, run_dir
+    from hetclip.workdir import check_output_dir
+
+    check_output_dir(out, run_dir(checkpoint))
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()) and not force:  # fail before loading anything
         raise FileExistsError(f"--out {out!r} is not empty; pass --force to replace it")
-    model_cfg, params, tok_spec, preprocess = load_checkpoint(checkpoint, step)
+    if fmt == "hf" and platforms:
+        raise ValueError("--platforms applies to --format stablehlo only")
+    run = load_run(checkpoint, step)
     if fmt == "hf":
-        if platforms:
-            raise ValueError("--platforms applies to --format stablehlo only")
-        return export_hf(model_cfg, params, tok_spec, preprocess, out, force=force)
-    return export_stablehlo(model_cfg, params, tok_spec, preprocess, out, force=force, platforms=platforms)
+        return export_hf(run.model_cfg, run.params, run.tokenizer_spec, run.preprocess, out, force=force)
+    return export_stablehlo(run.model_cfg, run.params, run.tokenizer_spec, run.preprocess, out, force=force,
+                            platforms=platforms)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hetclip-export``: exit status 0, or 2 with one message for a user error."""
+    from hetclip.cli import guarded
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded("hetclip-export", lambda: _run(argv), argv)
+
+
+def _run(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="hetclip-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="training work directory or its checkpoints/ directory")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (never a run directory)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("--platforms", default=None,
                    help="stablehlo: comma-separated lowering platforms, e.g. cpu,cuda,tpu (default: this machine's)")
     args = p.parse_args(argv)
     platforms = [x.strip() for x in args.platforms.split(",") if x.strip()] if args.platforms else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step,
-                                platforms=platforms)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"hetclip-export: error: {e}", file=sys.stderr)
-        return 2
+    out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step,
+                            platforms=platforms)
     print(f"hetclip-export: wrote {args.format} export to {out}")
     return 0
 

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,6 +32,7 @@ from hetclip import config as config_lib
 from hetclip import distributed as dist
 from hetclip import losses
 from hetclip import metrics as metrics_lib
+from hetclip import workdir as workdir_lib
 from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
 from hetclip.towers import compute_dtype
@@ -334,22 +334,23 @@ class SyntheticBatches:
 # Work directory and run set-up
 
 
-def _save_or_check_config(cfg, workdir: str, allow_change: bool) -> None:
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(config_lib.to_json(cfg))  # as it is stored: tuples become lists
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        changes = config_lib.diff(saved, new)
-        if changes and not allow_change:
-            raise config_lib.ConfigError(
-                f"the work directory {workdir!r} holds a run with a different config ({path}):\n  "
-                + "\n  ".join(changes[:20])
-                + "\nuse another --workdir, or pass --allow-config-change to resume with the new values")
-        if changes:
-            log.warning("resuming with config changes: %s", "; ".join(changes))
-    if dist.is_main_process():
-        ckpt_lib.write_json_atomic(path, new)
+# (key, smallest allowed value, what the value means)
+_LIMITS = (("batch_size", 1, ""), ("accum_steps", 1, ""), ("total_steps", 0, " (0: from total_samples)"),
+           ("log_every", 1, ""), ("checkpoint.every_steps", 0, " (0: only at the end)"), ("checkpoint.keep", 1, ""),
+           ("eval.every_steps", 0, " (0: only at the end)"), ("data.num_workers", 0, ""),
+           ("optim.warmup_steps", 0, ""), ("optim.lr", 0, ""))
+
+
+def validate(cfg) -> None:
+    """Refuse values no run can use; called before anything is written."""
+    for key, low, meaning in _LIMITS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node < low:
+            raise config_lib.ConfigError(f"config {key}={node} must be >= {low}{meaning}")
+    if cfg.total_steps == 0 and not cfg.total_samples > 0:
+        raise config_lib.ConfigError(f"config total_samples={cfg.total_samples} must be > 0 when total_steps=0")
 
 
 def _prepare_demo(cfg) -> ml_collections.ConfigDict:
@@ -385,29 +386,6 @@ def _preprocess(cfg) -> dict:
             "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "train_crop_scale": list(cfg.data.crop_scale)}
 
 
-def _copy_tokenizer(tokenizer, workdir: str):
-    """Keep the tokenizer's files inside the work directory so checkpoints stay self-contained."""
-    from hetclip.data.tokenizers import load_tokenizer
-
-    spec = dict(tokenizer.spec())
-    src = spec.get("path") or spec.get("directory")
-    if not src or not os.path.exists(src):
-        return tokenizer, spec
-    dst = os.path.join(workdir, "tokenizer")
-    if dist.is_main_process() and not os.path.exists(dst):
-        tmp = dst + f".tmp-{os.getpid()}"
-        if os.path.isdir(src):
-            shutil.copytree(src, tmp)
-        else:
-            os.makedirs(tmp)
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    dist.barrier("tokenizer-copy")
-    key = "path" if "path" in spec else "directory"
-    spec[key] = dst if os.path.isdir(src) else os.path.join(dst, os.path.basename(src))
-    return load_tokenizer(spec), spec
-
-
 @dataclasses.dataclass
 class Run:
     """Everything a training run holds besides the loop's local variables."""
@@ -418,27 +396,47 @@ class Run:
     tokenizer_spec: dict
     mesh: object
     total_steps: int
+    lock: workdir_lib.RunLock | None = None
 
 
 def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
-    os.makedirs(workdir, exist_ok=True)
-    _save_or_check_config(cfg, workdir, allow_config_change)
+    """Validate everything, then take the run directory's lock and write its config and tokenizer.
+
+    Nothing is written to ``workdir`` before the config, the model, the mesh and the schedule are
+    known to be usable; on success the caller owns ``run.lock`` (main process only)."""
+    validate(cfg)
+    user_cfg = cfg
     cfg = _prepare_demo(cfg)
     from hetclip.data.tokenizers import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer.to_dict() if isinstance(cfg.data.tokenizer, ml_collections.ConfigDict)
-                               else cfg.data.tokenizer)
-    tokenizer, spec = _copy_tokenizer(tokenizer, workdir)
+    spec = cfg.data.tokenizer.to_dict() if isinstance(cfg.data.tokenizer, ml_collections.ConfigDict) \
+        else cfg.data.tokenizer
+    tokenizer = load_tokenizer(spec)
     mesh = dist.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     dist.batch_size_check(cfg.batch_size, mesh)
-    if cfg.accum_steps < 1 or cfg.batch_size % (mesh.devices.size * cfg.accum_steps):
+    if cfg.batch_size % (mesh.devices.size * cfg.accum_steps):
         raise config_lib.ConfigError(
             f"batch_size={cfg.batch_size} must split into accum_steps={cfg.accum_steps} micro-batches on each of "
-            f"the {mesh.devices.size} devices (a multiple of {mesh.devices.size * max(cfg.accum_steps, 1)})")
+            f"the {mesh.devices.size} devices (a multiple of {mesh.devices.size * cfg.accum_steps})")
     total = int(cfg.total_steps) if cfg.total_steps > 0 else math.ceil(cfg.total_samples / cfg.batch_size)
-    if total < 1:
-        raise config_lib.ConfigError("set total_steps or total_samples to a positive number")
-    return Run(cfg, workdir, model_config(cfg, tokenizer), tokenizer, spec, mesh, total)
+    make_schedule(cfg.optim, total)
+    model_cfg = model_config(cfg, tokenizer)
+
+    main = dist.is_main_process()
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.RunLock(workdir).acquire() if main else None
+    try:
+        workdir_lib.save_or_check_config(json.loads(config_lib.to_json(user_cfg)), workdir, allow_config_change,
+                                         write=main)
+        load_spec, stored_spec = workdir_lib.persist_tokenizer(dict(tokenizer.spec()), workdir, copy=main)
+        dist.barrier("tokenizer-copy")
+        if load_spec != tokenizer.spec():
+            tokenizer = load_tokenizer(load_spec)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Run(cfg, workdir, model_cfg, tokenizer, stored_spec, mesh, total, lock)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +470,7 @@ class _StopRequest:
 
 
 def _check_finite(step: int, metrics: dict) -> None:
-    for name in ("loss", "grad_norm", "param_norm"):
+    for name in ("loss", "grad_norm", "param_norm", "temperature"):
         value = float(metrics[name])
         if not math.isfinite(value):
             raise TrainingError(f"non-finite {name} ({value}) at step {step}; stopping without saving this state. "
@@ -496,8 +494,37 @@ def _version() -> str:
 def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: bool = True,
           max_steps: int | None = None) -> dict:
     """Train (or resume) a run in ``workdir``; returns a summary dict. ``max_steps`` stops early (tests)."""
+    if max_steps is not None and max_steps < 1:
+        raise config_lib.ConfigError(f"max_steps={max_steps} must be >= 1")
     run = setup(cfg, workdir, allow_config_change)
+    try:
+        return _train(run, progress=progress, max_steps=max_steps)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _resume(ckpt: ckpt_lib.Checkpointer, workdir: str, **abstract) -> dict | None:
+    """The newest intact checkpoint; newer damaged steps are named and set aside (never deleted)."""
+    try:
+        restored, damaged = ckpt.restore_newest_intact(**abstract)
+    except ValueError as e:
+        raise TrainingError(f"{e}; was the model or optimizer changed? Use another --workdir") from None
+    if damaged and restored is None:
+        raise TrainingError("no intact checkpoint to resume from:\n  " + "\n  ".join(why for _, why in damaged)
+                            + f"\nmove the damaged steps out of {ckpt.directory} to start again from scratch")
+    aside = os.path.join(workdir, "damaged_checkpoints")
+    for step, why in damaged:
+        where = ckpt.set_aside(step, aside) if dist.is_main_process() else aside
+        log.warning("%s; set aside to %s; resuming from step %d instead", why, where, restored["step"])
+    if damaged:
+        dist.barrier("checkpoints-set-aside")
+    return restored
+
+
+def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     cfg = run.cfg
+    workdir = run.workdir
     mesh = run.mesh
     main = dist.is_main_process()
     local_batch = cfg.batch_size // jax.process_count()
@@ -520,17 +547,12 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                  async_save=cfg.checkpoint.async_save)
     start_step, data_state = 0, None
-    latest = ckpt.latest_step()
-    if latest is not None:
+    if ckpt.latest_step() is not None:
         with_shard = lambda tree, sh: jax.tree.map(  # noqa: E731
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-        try:
-            restored = ckpt.restore(latest, abstract_params=with_shard(abstract, p_shard),
-                                    abstract_opt_state=with_shard(o_abstract, o_shard),
-                                    abstract_rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
-        except (ValueError, KeyError, TypeError) as e:
-            raise TrainingError(f"the checkpoint at step {latest} in {ckpt.directory} does not fit this config's "
-                                f"model/optimizer (was the model or optimizer changed?): {str(e)[:800]}") from None
+        restored = _resume(ckpt, workdir, abstract_params=with_shard(abstract, p_shard),
+                           abstract_opt_state=with_shard(o_abstract, o_shard),
+                           abstract_rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
         params, opt_state, rng = restored["params"], restored["opt_state"], restored["rng"]
         start_step, data_state = restored["step"], restored["data"]
         if main:
@@ -571,6 +593,7 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
                 window["n"] += 1
                 metrics = jax.device_get(metrics)
                 _check_finite(step, metrics)
+                ckpt.poll()
                 if step % cfg.log_every == 0 or step == end_step:
                     dt = time.perf_counter() - window["t0"]
                     scalars = {k: float(v) for k, v in metrics.items()}
@@ -597,9 +620,14 @@ def train(cfg, workdir: str, *, allow_config_change: bool = False, progress: boo
                 save(step)
             ckpt.wait()
     finally:
+        failing = sys.exc_info()[0] is not None
         bar.close()
         data.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except ckpt_lib.CheckpointError:
+            if not failing:  # else the error already under way is the one to report
+                raise
     summary["step"] = step
     summary["data"] = data.stats()
     if step >= run.total_steps:
@@ -699,6 +727,7 @@ def parse(argv: list[str]):
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(rest)
     if spec is None:
         parser.error("--config is required (a config file or one of the recipes: "
@@ -710,20 +739,24 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a user error (one message naming the file, key or step), 128+N stopped by signal N."""
+    from hetclip.cli import guarded
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-        cfg, workdir, args = parse(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        cfg, workdir, args = parse(argv)
         dist.initialize(args.coordinator, args.num_processes, args.process_id)
         summary = train(cfg, workdir, allow_config_change=args.allow_config_change, progress=not args.no_progress,
                         max_steps=args.max_steps)
-    except (config_lib.ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
-        print(f"hetclip-train: error: {e}", file=sys.stderr)
-        return 2
-    if "stopped_by_signal" in summary:
-        return 128 + summary["stopped_by_signal"]
-    print(_summary_text(summary), flush=True)
-    return 0
+        if "stopped_by_signal" in summary:
+            return 128 + summary["stopped_by_signal"]
+        print(_summary_text(summary), flush=True)
+        return 0
+
+    return guarded("hetclip-train", body, argv)
 
 
 def _summary_text(summary: dict) -> str:

@@ -149,7 +149,7 @@ def test_main_job_trains_evaluates_and_exports(tmp_path):
     assert model.config.projection_dim == 16
 
     # zero-shot from the checkpoint and from the exported directory agree
-    from hetclip.zero_shot.cli import main as zero_shot_main
+    from hetclip.zero_shot.cli import run as zero_shot_main
 
     shape_dir = summary_eval_dir = os.path.join(str(tmp_path.parent / "shared_demo"), "eval", "shape")
     common = ["--data", shape_dir, "--classnames", os.path.join(summary_eval_dir, "classnames.txt"),

@@ -242,7 +242,7 @@ def test_cli_main_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake)
     out = tmp_path / "r" / "results.json"
     with pytest.warns(UserWarning, match="bad.png"):
-        cli.main(["--checkpoint", "/ck/fake", "--data", str(root), "--templates", "clip7", "--canonicalize",
+        cli.run(["--checkpoint", "/ck/fake", "--data", str(root), "--templates", "clip7", "--canonicalize",
                   "--batch-size", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c")])
     printed = capsys.readouterr().out
     assert "top1" in printed and "1.0000" in printed
@@ -255,9 +255,9 @@ def test_cli_main_writes_json(tmp_path, monkeypatch, capsys):
     assert res["text"]["canonicalize"] is True and res["text"]["templates"] == "clip7"
     assert len(os.listdir(tmp_path / "c")) == 1  # classifier cached
     with pytest.raises(ValueError, match="unknown template set"):
-        cli.main(["--checkpoint", "x", "--data", str(root), "--templates", "nope"])
-    with pytest.raises(SystemExit):
-        cli.main(["--checkpoint", "x", "--data", str(root), "--batch-size", "0"])
+        cli.run(["--checkpoint", "x", "--data", str(root), "--templates", "nope"])
+    assert cli.main(["--checkpoint", "x", "--data", str(root), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_retrieval_shards(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Union
@@ -26,6 +27,8 @@ from hetclip.zero_shot import datasets as ds
 from hetclip.zero_shot.classifier import build_classifier, classifier_info
 from hetclip.zero_shot.evaluate import evaluate_retrieval, evaluate_zero_shot
 from hetclip.zero_shot.templates import TEMPLATE_SETS, load_classnames, load_templates
+
+log = logging.getLogger(__name__)
 
 
 def _logit_scale(encoders) -> float:
@@ -46,7 +49,11 @@ def _source(dataset: str, classnames, imagenet: bool):
         if classnames is not None:
             raise ValueError("--imagenet uses the built-in ImageNet class names; do not pass --classnames")
         return ds.imagenet(dataset)
-    return ds.open_source(dataset, classnames)
+    source = ds.open_source(dataset, classnames)
+    if len(source.classnames) < 2:
+        log.warning("%s has %d class(es): zero-shot accuracy is meaningless with fewer than 2", dataset,
+                    len(source.classnames))
+    return source
 
 
 def run_zero_shot(encoders, tokenizer, dataset_dir: str,
@@ -108,18 +115,17 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
 
 def load_checkpoint(path: str, step: Optional[int] = None) -> Dict[str, Any]:
     """``{"encoders", "tokenizer", "image_size", "model_id", "info"}`` from a training checkpoint."""
-    from hetclip.checkpoint import load_encoders
-    from hetclip.data.tokenizers import load_tokenizer
+    from hetclip.checkpoint import load_run
     from hetclip.model import Encoders
 
     if os.path.isfile(os.path.join(path, "config.json")) and \
             os.path.isfile(os.path.join(path, "model.safetensors")):
         return _load_hf_export(path)
-    cfg, params, tok_spec, preprocess, meta = load_encoders(path, step)
-    image_size = int(preprocess.get("image_size", cfg.vision.image_size))
-    info = {"checkpoint": meta.get("checkpoint", os.path.abspath(path)), "step": meta.get("step"),
-            "preprocess_saved": preprocess}
-    return {"encoders": Encoders(cfg, params), "tokenizer": load_tokenizer(tok_spec), "image_size": image_size,
+    run = load_run(path, step)
+    preprocess = run.preprocess
+    image_size = int(preprocess.get("image_size", run.model_cfg.vision.image_size))
+    info = {"checkpoint": run.meta["checkpoint"], "step": run.step, "preprocess_saved": preprocess}
+    return {"encoders": Encoders(run.model_cfg, run.params), "tokenizer": run.tokenizer(), "image_size": image_size,
             "resize_size": preprocess.get("resize_size"),
             "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
 
@@ -178,14 +184,24 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--no-shard", action="store_true", help="do not shard batches over devices")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def _positive(name: str, value: Optional[int]) -> None:
     if value is not None and value < 1:
-        raise SystemExit(f"error: {name} must be >= 1, got {value}")
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hetclip-zero-shot``: exit status 0, or 2 with one message for a user error."""
+    from hetclip.cli import guarded
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded("hetclip-zero-shot", lambda: run(argv), argv)
+
+
+def run(argv: Sequence[str]) -> Dict[str, Any]:
+    """The zero-shot command's work: parse ``argv``, evaluate, print the table, write ``--out``; the results."""
     p = argparse.ArgumentParser(prog="hetclip-zero-shot", description="Zero-shot classification evaluation.")
     _common_args(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -203,12 +219,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
     if args.mc_samples < 0:
-        raise SystemExit(f"error: --mc-samples must be >= 0, got {args.mc_samples}")
+        raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     load_templates(args.templates)  # fail early on a bad template spec
     ck = load_checkpoint(args.checkpoint, args.step)
     het = getattr(getattr(ck["encoders"], "config", None), "het", None)
     if args.mc_samples and het is not None and not het.enabled:
-        raise SystemExit("error: --mc-samples needs a model with the HET-XL head (het.enabled=False)")
+        raise ValueError("--mc-samples needs a model with the HET-XL head (het.enabled=False)")
     result = run_zero_shot(
         ck["encoders"], ck["tokenizer"], args.imagenet or args.data, args.classnames, args.templates,
         ck["image_size"], imagenet=bool(args.imagenet), canonicalize=args.canonicalize,
@@ -218,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         progress=not args.no_progress)
     result.update(ck["info"])
     result["command"] = "hetclip-zero-shot"
-    result["argv"] = list(argv if argv is not None else sys.argv[1:])
+    result["argv"] = list(argv)
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     print(_table(dict(dataset=args.imagenet or args.data, images=result["dataset"]["images_evaluated"],
                       templates=args.templates, **result["metrics"])))
@@ -252,7 +268,16 @@ def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, ba
             "batch_size": int(batch_size)}
 
 
-def retrieval_main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def retrieval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hetclip-retrieval``: exit status 0, or 2 with one message for a user error."""
+    from hetclip.cli import guarded
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return guarded("hetclip-retrieval", lambda: retrieval_run(argv), argv)
+
+
+def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
+    """The retrieval command's work: parse ``argv``, evaluate, print, write ``--out``; the results."""
     p = argparse.ArgumentParser(prog="hetclip-retrieval", description="Image-text retrieval evaluation.")
     _common_args(p)
     p.add_argument("--data", required=True, metavar="DIR|PATTERN", help="image-text webdataset shards")
@@ -277,4 +302,4 @@ if __name__ == "__main__":
     from hetclip.allocator import reexec_with_mimalloc
 
     reexec_with_mimalloc()  # as the console script does (python -m is kept on re-execution)
-    main()
+    sys.exit(main())

@@ -27,10 +27,19 @@ def _check(log_probs: np.ndarray, labels: np.ndarray):
         raise ValueError(f"expected scores of shape [N, C], got {log_probs.shape}")
     if labels.shape != (log_probs.shape[0],):
         raise ValueError(f"labels shape {labels.shape} does not match scores {log_probs.shape}")
+    _require_finite(log_probs, "scores")
     if labels.size and (labels.min() < 0 or labels.max() >= log_probs.shape[1]):
         raise ValueError(f"labels must lie in [0, {log_probs.shape[1]}), got range "
                          f"[{labels.min()}, {labels.max()}]")
     return log_probs, labels.astype(np.int64)
+
+
+def _require_finite(x: np.ndarray, what: str) -> None:
+    """Non-finite scores would count as hits (ranks count strictly better scores): refuse them."""
+    bad = ~np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+    if bad.any():
+        raise ValueError(f"non-finite {what} for {int(bad.sum())} of {x.shape[0]} item(s) (first: row "
+                         f"{int(np.argmax(bad))}); the model's weights or inputs are not finite")
 
 
 class ClassificationMeter:
@@ -128,6 +137,8 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1,
     txt = np.asarray(text_emb, np.float32)
     t2i = np.asarray(text_to_image, np.int64)
     n, m = img.shape[0], txt.shape[0]
+    _require_finite(img, "image embeddings")
+    _require_finite(txt, "text embeddings")
     if t2i.shape != (m,):
         raise ValueError(f"text_to_image has shape {t2i.shape}, expected ({m},)")
     if m and (t2i.min() < 0 or t2i.max() >= n):
