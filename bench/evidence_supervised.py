@@ -1,0 +1,551 @@
+"""The paper's own setting, small: DET vs HET vs HET-XL classifier heads under input-dependent label
+noise, on scikit-learn's digits (8x8 images, 10 classes, shipped offline). Writes a markdown report
+(+ JSON, + PNG figure).
+
+    python bench/evidence_supervised.py [--seeds 5] [--steps 4000] [--flip-probs 0,0.2,0.4]
+
+Label noise that depends on the input: a clean reference model (logistic regression, out-of-fold on
+the training split) names, for every class ``c``, its most confusable other class ``partner(c)``,
+and scores every image by how much it looks like its partner. Per class, the ``--hard-fraction``
+most partner-like images get the partner's label with probability ``p`` (each value of
+``--flip-probs``); the other images keep their label. Test labels stay clean.
+
+Every arm trains the same MLP (same initialisation of the shared layers, same batches, same label
+draws for a given seed) with a different head; for each noise level and seed the arms are paired,
+and the report gives each arm's mean ± std over seeds and the paired 95 % t-interval of its
+difference to DET. Metrics on the clean test split: top-1, NLL, ECE of the predictive (the MC
+average for the HET heads; the mean-logit prediction is reported too), and NLL against the noisy
+label distribution (what a model of the noise should get right). Every number in the report comes
+from runs made by this script.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ARMS = ("DET", "HET", "HET-XL", "DET-T")
+ARM_HELP = ("DET: linear softmax head; HET: noise in logit space; HET-XL: noise on the pre-logits; "
+            "DET-T: DET with the HET heads' learned bounded temperature (a control)")
+METRICS = ("top1", "nll", "ece", "nll_noisy", "det_top1", "det_nll", "det_ece", "flipped_fit", "margin", "tau",
+           "noise_std")
+HIGHER_IS_BETTER = {"top1": True, "det_top1": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and input-dependent noise (numpy, deterministic)
+# ---------------------------------------------------------------------------------------------
+
+def load_digits_split(test_size: int = 600, split_seed: int = 0):
+    """``(x_train, y_train, x_test, y_test)``: digits scaled to [0, 1], stratified split."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise SystemExit("bench/evidence_supervised.py needs scikit-learn: pip install -e \".[test]\"") from e
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=split_seed, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+def reference_scores(x_train, y_train, x_test, y_test, num_classes: int):
+    """Confusion structure of a clean reference model (multinomial logistic regression).
+
+    Returns ``partner [K]`` (for each class, the other class that gets most out-of-fold probability
+    mass on its training images), and per-image scores ``log p(partner(y)|x) - log p(y|x)`` for the
+    training split (out-of-fold, 5 folds) and the test split (model fit on the whole training split).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    ref = LogisticRegression(max_iter=3000, C=1.0)
+    p_tr = cross_val_predict(ref, x_train, y_train, cv=5, method="predict_proba")
+    p_te = ref.fit(x_train, y_train).predict_proba(x_test)
+    mass = np.zeros((num_classes, num_classes))
+    for c in range(num_classes):
+        mass[c] = p_tr[y_train == c].sum(0)
+        mass[c, c] = -np.inf
+    partner = mass.argmax(1).astype(np.int32)
+    return partner, partner_score(p_tr, y_train, partner), partner_score(p_te, y_test, partner)
+
+
+def partner_score(probs, labels, partner):
+    """``log p(partner(y)|x) - log p(y|x)`` per row."""
+    lp = np.log(np.asarray(probs, np.float64) + 1e-12)
+    rows = np.arange(len(labels))
+    return lp[rows, partner[labels]] - lp[rows, labels]
+
+
+def hard_mask(labels, score, hard_fraction: float):
+    """Per class, the ``hard_fraction`` of images with the highest ``score`` (ties: lower index first)."""
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction={hard_fraction} must lie in [0, 1]")
+    labels = np.asarray(labels)
+    mask = np.zeros(labels.shape, bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_hard = int(round(hard_fraction * len(idx)))
+        order = idx[np.argsort(-score[idx], kind="stable")]
+        mask[order[:n_hard]] = True
+    return mask
+
+
+def noisy_labels(labels, hard, partner, flip_prob: float, seed: int):
+    """Hard images take their class's partner label with probability ``flip_prob``; others keep theirs.
+    Deterministic for a given ``seed`` (numpy PCG64)."""
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob={flip_prob} must lie in [0, 1]")
+    labels = np.asarray(labels)
+    u = np.random.default_rng([seed, 1]).random(labels.shape)
+    flip = hard & (u < flip_prob)
+    return np.where(flip, partner[labels], labels).astype(np.int32), flip
+
+
+def label_distribution(labels, hard, partner, flip_prob: float, num_classes: int):
+    """The noisy-label distribution ``q(y~|x)`` the generator samples from, ``[N, K]``."""
+    labels = np.asarray(labels)
+    q = np.zeros((len(labels), num_classes))
+    rows = np.arange(len(labels))
+    p = np.where(hard, flip_prob, 0.0)
+    q[rows, labels] += 1.0 - p
+    q[rows, partner[labels]] += p
+    return q
+
+
+def batch_order(num_examples: int, batch_size: int, steps: int, seed: int):
+    """``[steps, batch]`` example indices: concatenated per-epoch permutations (seeded)."""
+    rng = np.random.default_rng([seed, 2])
+    need = steps * batch_size
+    perms = [rng.permutation(num_examples) for _ in range(-(-need // num_examples))]
+    return np.concatenate(perms)[:need].reshape(steps, batch_size).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and report
+# ---------------------------------------------------------------------------------------------
+
+def paired_interval(a, b, confidence: float = 0.95):
+    """Paired t-interval of ``mean(b - a)`` over seeds: ``{"mean", "std", "lo", "hi", "n"}``
+    (``std`` of the differences; ``lo``/``hi`` NaN for fewer than two pairs)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_interval needs two equal-length 1-D sequences, got {a.shape} and {b.shape}")
+    d = b - a
+    n = d.size
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "std": math.nan, "lo": math.nan, "hi": math.nan, "n": n}
+    from scipy import stats
+
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def verdict(iv, higher_is_better: bool) -> str:
+    if not math.isfinite(iv["lo"]):
+        return "one seed: no interval"
+    if iv["lo"] > 0 or iv["hi"] < 0:
+        better = (iv["lo"] > 0) == higher_is_better
+        return "**better** (interval excludes 0)" if better else "**worse** (interval excludes 0)"
+    return "no difference shown (interval contains 0)"
+
+
+def mean_std(values) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and training (JAX)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    widths: tuple = (256, 64)
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_factors: int = 4
+    train_samples: int = 16
+    eval_samples: int = 64
+    init_scale: float = 0.1
+    tau_init: float = 1.0
+    learn_tau: bool = True
+    param_efficient: bool = True
+
+
+def build_model(arm: str, cfg: RunConfig, num_classes: int):
+    import flax.linen as nn
+
+    from hetclip import heads
+
+    if arm not in ARMS:
+        raise ValueError(f"arm {arm!r} is not one of {ARMS}")
+    tau = heads.TemperatureConfig(kind="bounded", init=cfg.tau_init, tau_lo=0.05, tau_hi=5.0)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, key=None, deterministic=False, example_ids=None):
+            for i, w in enumerate(cfg.widths):
+                x = nn.relu(nn.Dense(w, name=f"dense_{i}")(x))  # the last one is the pre-logits φ(x)
+            if arm in ("DET", "DET-T"):
+                return heads.DetClassifier(num_classes, temperature=tau if arm == "DET-T" else None,
+                                           name="head")(x)
+            cls = heads.HetClassifier if arm == "HET" else heads.HetXLClassifier
+            return cls(num_classes, num_factors=cfg.num_factors, num_samples=cfg.train_samples,
+                       param_efficient=cfg.param_efficient, temperature=tau, sample_chunk=cfg.train_samples,
+                       init_scale=cfg.init_scale, name="head")(x, key, deterministic=deterministic,
+                                                              example_ids=example_ids)
+
+    return Net()
+
+
+def count_params(tree) -> int:
+    import jax
+
+    return int(sum(np.size(v) for v in jax.tree_util.tree_leaves(tree)))
+
+
+def make_runner(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
+    """``run(seed, x_tr, y_tr, order, x_te) -> (mc_log_probs, det_log_probs, train_log_probs, params)``,
+    jitted once per arm and config (seeds and noise levels reuse the compiled program)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from hetclip import heads
+    from hetclip import noise as noise_lib
+
+    model = build_model(arm, cfg, num_classes)
+    noisy = arm in ("HET", "HET-XL")
+    tx = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(cfg.lr)
+    frozen_tau = not cfg.learn_tau
+
+    def init(seed):
+        k_init, k_noise, k_eval = jax.random.split(jax.random.PRNGKey(seed), 3)
+        x0 = jnp.zeros((2, num_features), jnp.float32)
+        params = model.init(k_init, x0, k_noise)["params"]
+        return params, k_noise, k_eval
+
+    def mask_grads(g):
+        if not frozen_tau:
+            return g
+        return jax.tree_util.tree_map_with_path(
+            lambda path, v: jnp.zeros_like(v) if any(getattr(p, "key", None) == "temperature" for p in path) else v, g)
+
+    @jax.jit
+    def run(seed, x_tr, y_tr, order, x_te):
+        params, k_noise, k_eval = init(seed)
+        opt = tx.init(params)
+
+        def loss_fn(p, idx, step):
+            key = jax.random.fold_in(k_noise, step)
+            out = model.apply({"params": p}, x_tr[idx], key, example_ids=idx) if noisy else \
+                model.apply({"params": p}, x_tr[idx])
+            return heads.classifier_loss(out, y_tr[idx])
+
+        def body(carry, xs):
+            p, o = carry
+            idx, step = xs
+            loss, g = jax.value_and_grad(loss_fn)(p, idx, step)
+            upd, o = tx.update(mask_grads(g), o, p)
+            return (optax.apply_updates(p, upd), o), loss
+
+        (params, _), losses = jax.lax.scan(body, (params, opt), (order, jnp.arange(order.shape[0])))
+
+        def predict(x):
+            if not noisy:
+                out = model.apply({"params": params}, x)
+                return out["log_probs"], out["log_probs"]
+            det = model.apply({"params": params}, x, deterministic=True)["log_probs"]
+            mc_model = build_model(arm, dataclasses.replace(cfg, train_samples=cfg.eval_samples), num_classes)
+            mc = mc_model.apply({"params": params}, x, k_eval)["log_probs"]
+            return mc, det
+
+        mc_te, det_te = predict(x_te)
+        mc_tr, _ = predict(x_tr)
+        top2 = jax.lax.top_k(det_te, 2)[0]
+        diag = {"margin": jnp.mean(top2[:, 0] - top2[:, 1])}
+        if arm != "DET":
+            t = params["head"]["temperature"]["t"]
+            diag["tau"] = 0.05 + (5.0 - 0.05) * jax.nn.sigmoid(t)
+        if noisy:
+            out = model.apply({"params": params}, x_te, deterministic=True)
+            cov = noise_lib.covariance(out["noise"])
+            if arm == "HET-XL":
+                w = params["head"]["classifier"]["kernel"]
+                var = jnp.einsum("dk,bde,ek->bk", w, cov, w)
+            else:
+                var = jnp.diagonal(cov, axis1=1, axis2=2)
+            diag["noise_std"] = jnp.mean(jnp.sqrt(var)) / diag["tau"]
+        return mc_te, det_te, mc_tr, diag, losses
+
+    return run
+
+
+def evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped) -> dict:
+    from hetclip.zero_shot import metrics as zm
+
+    mc_te, det_te, mc_tr = (np.asarray(a, np.float64) for a in (mc_te, det_te, mc_tr))
+    pred_tr = mc_tr.argmax(1)
+    return {
+        "top1": float((mc_te.argmax(1) == y_te).mean()),
+        "nll": zm.nll(mc_te, y_te),
+        "ece": zm.ece(mc_te, y_te),
+        "nll_noisy": float(-(q_te * mc_te).sum(1).mean()),
+        "det_top1": float((det_te.argmax(1) == y_te).mean()),
+        "det_nll": zm.nll(det_te, y_te),
+        "det_ece": zm.ece(det_te, y_te),
+        # memorisation: fraction of flipped training images predicted with their (wrong) noisy label
+        "flipped_fit": float((pred_tr[flipped] == y_noisy[flipped]).mean()) if flipped.any() else math.nan,
+    }
+
+
+def head_extra_params(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
+    """``(head params, extra params over DET's head)`` from the initialised models."""
+    import jax
+    import jax.numpy as jnp
+
+    def head(a):
+        m = build_model(a, cfg, num_classes)
+        p = m.init(jax.random.PRNGKey(0), jnp.zeros((2, num_features)), jax.random.PRNGKey(1))["params"]
+        return count_params(p["head"])
+
+    n = head(arm)
+    return n, n - head("DET")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment driver
+# ---------------------------------------------------------------------------------------------
+
+def run_all(args, cfg: RunConfig, log=print) -> dict:
+    x_tr, y_tr, x_te, y_te = load_digits_split(args.test_size, args.split_seed)
+    k = int(y_tr.max()) + 1
+    partner, s_tr, s_te = reference_scores(x_tr, y_tr, x_te, y_te, k)
+    hard_tr = hard_mask(y_tr, s_tr, args.hard_fraction)
+    hard_te = hard_mask(y_te, s_te, args.hard_fraction)
+    arms = args.arms
+    runners = {a: make_runner(a, cfg, k, x_tr.shape[1]) for a in arms}
+    results: dict = {}
+    timing: dict = {a: 0.0 for a in arms}
+    t0 = time.time()
+    for p in args.flip_probs:
+        q_te = label_distribution(y_te, hard_te, partner, p, k)
+        for seed in range(args.seeds):
+            y_noisy, flipped = noisy_labels(y_tr, hard_tr, partner, p, seed)
+            order = batch_order(len(y_tr), cfg.batch_size, cfg.steps, seed)
+            for arm in arms:
+                t = time.time()
+                mc_te, det_te, mc_tr, diag, _ = runners[arm](seed, x_tr, y_noisy, order, x_te)
+                res = evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped)
+                res.update({k: float(v) for k, v in diag.items()})
+                res["seconds"] = time.time() - t
+                timing[arm] += res["seconds"]
+                results.setdefault(f"{p:g}", {}).setdefault(arm, []).append(res)
+                log(f"[{time.time() - t0:.0f}s] p={p:g} seed {seed} {arm}: top1 {res['top1']:.3f} "
+                    f"nll {res['nll']:.3f} ece {res['ece']:.3f} nll_noisy {res['nll_noisy']:.3f} "
+                    f"flipped_fit {res['flipped_fit']:.2f} margin {res['margin']:.2f} tau {res.get('tau', 1):.3f} "
+                    f"noise_std {res.get('noise_std', 0):.3f} ({res['seconds']:.1f}s)")
+    params = {a: dict(zip(("head", "extra"), head_extra_params(a, cfg, k, x_tr.shape[1]))) for a in arms}
+    data = {"train": int(len(y_tr)), "test": int(len(y_te)), "classes": k, "partner": partner.tolist(),
+            "hard_train": int(hard_tr.sum()),
+            "flipped_train": {f"{p:g}": [int(noisy_labels(y_tr, hard_tr, partner, p, s)[1].sum())
+                                         for s in range(args.seeds)] for p in args.flip_probs}}
+    return {"results": results, "params": params, "data": data, "wall_seconds": time.time() - t0,
+            "arm_seconds": timing}
+
+
+def render(report: dict) -> str:
+    a = report["args"]
+    arms = a["arms"]
+    primary = a["primary"]
+    cfg = report["config"]
+    lines = [
+        f"# {a.get('title') or 'Supervised DET vs HET vs HET-XL under input-dependent label noise'}",
+        "",
+        f"Produced by `bench/evidence_supervised.py`; raw numbers in `{a['json']}`. Command: `{report['command']}`. "
+        f"Machine: {report['machine']}; load average at the start {report.get('load_start', '?')}, "
+        f"at the end {report.get('load_end', '?')}; wall time {report['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Data: scikit-learn digits, {report['data']['train']} training / {report['data']['test']} clean test "
+        f"images, {report['data']['classes']} classes. Confusion partner of each class (0-9): "
+        f"{report['data']['partner']}. Per class the {a['hard_fraction']:.0%} most partner-like training images "
+        f"({report['data']['hard_train']}) take the partner's label with probability p; the others stay clean.",
+        "",
+        f"Model: MLP {' → '.join(str(w) for w in [64] + list(cfg['widths']))} (ReLU; the last layer is the "
+        f"pre-logits), then the head. Adam lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['steps']} steps, "
+        f"weight decay {cfg['weight_decay']}. HET / HET-XL: R={cfg['num_factors']} factors "
+        f"({'parameter-efficient' if cfg['param_efficient'] else 'full'} V(x)), {cfg['train_samples']} MC samples "
+        f"in training, {cfg['eval_samples']} at test, noise init scale {cfg['init_scale']}, bounded temperature "
+        f"τ ∈ [0.05, 5] starting at {cfg['tau_init']} ({'learned' if cfg['learn_tau'] else 'fixed'}). {ARM_HELP}.",
+        "",
+        f"{a['seeds']} seeds per arm; within a seed every arm sees the same label draw, batches and shared-layer "
+        f"initialisation. Primary metric (named before the run): clean-test **{primary}**. Mean ± std over seeds; "
+        f"Δ = arm − DET, paired 95 % t-interval over seeds.",
+        "",
+        "Columns: `top1`, `nll`, `ece` of the predictive on clean test labels (MC average for HET/HET-XL); "
+        "`nll_noisy`: NLL against the noisy-label distribution of the test images (how well the noise itself "
+        "is modelled); `det_*`: the mean-logit prediction; `flipped_fit`: fraction of flipped training images "
+        "predicted with their wrong label (memorisation); `margin`: mean gap between the top two scaled logits "
+        "on test; `tau`: learned temperature; `noise_std`: mean std of the head's noise on each scaled logit "
+        "(HET: Σ(x) diagonal; HET-XL: Wᵀ Σ'(x) W diagonal), divided by τ.",
+        "",
+        "## Extra parameters of each head",
+        "",
+        "| arm | head parameters | extra over DET |",
+        "|---|---|---|",
+    ]
+    for arm in arms:
+        pr = report["params"][arm]
+        lines.append(f"| {arm} | {pr['head']:,} | {pr['extra']:,} |")
+    cols = [m for m in METRICS]
+    for p, by_arm in report["results"].items():
+        flips = report["data"]["flipped_train"].get(p, [])
+        lines += ["", f"## Flip probability p = {p}" + (f" ({statistics.mean(flips):.0f} training labels "
+                                                        f"flipped on average)" if flips else ""), "",
+                  "| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for arm in arms:
+            rs = by_arm[arm]
+            lines.append(f"| {arm} | " + " | ".join(mean_spread_or_nan([r.get(m) for r in rs]) for m in cols) + " |")
+        if "DET" in by_arm:
+            lines += ["", "| Δ vs DET | metric | mean Δ | 95 % interval | reading |", "|---|---|---|---|---|"]
+            for arm in arms:
+                if arm == "DET":
+                    continue
+                for m in (primary, "nll", "ece", "nll_noisy"):
+                    iv = paired_interval([r[m] for r in by_arm["DET"]], [r[m] for r in by_arm[arm]])
+                    lines.append(f"| {arm} | {m} | {iv['mean']:+.4f} | [{iv['lo']:+.4f}, {iv['hi']:+.4f}] | "
+                                 f"{verdict(iv, HIGHER_IS_BETTER.get(m, False))} |")
+    if report.get("figure"):
+        lines += ["", f"![clean-test metrics against label noise]({os.path.basename(report['figure'])})"]
+    if report.get("interpretation"):
+        lines += ["", "**Interpretation** (written by hand for this recorded run, stored in the JSON): "
+                  + report["interpretation"]]
+    return "\n".join(lines) + "\n"
+
+
+def mean_spread_or_nan(values) -> str:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return mean_std(vals) if vals else "–"
+
+
+def plot(report: dict, path: str) -> None:
+    """Clean-test top-1 and NLL against the flip probability, one line per arm (mean ± std)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\"") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = sorted(report["results"], key=float)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, m, label in zip(axes, ("top1", "nll", "ece"), ("clean-test top-1", "clean-test NLL", "clean-test ECE")):
+        for i, arm in enumerate(report["args"]["arms"]):
+            vals = [[r[m] for r in report["results"][p][arm]] for p in ps]
+            mu = [statistics.mean(v) for v in vals]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            xs = [float(p) + (i - 1.5) * 0.004 for p in ps]
+            ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=arm)
+        ax.set_xlabel("flip probability p on the hard half")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"digits, {report['args']['seeds']} seeds, mean ± std", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _floats(s: str):
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--flip-probs", type=_floats, default=[0.0, 0.2, 0.4])
+    p.add_argument("--hard-fraction", type=float, default=0.5)
+    p.add_argument("--arms", type=lambda s: [a for a in s.split(",") if a], default=["DET", "HET", "HET-XL"],
+                   help=f"comma-separated subset of {','.join(ARMS)} ({ARM_HELP})")
+    p.add_argument("--primary", default="top1", choices=("top1", "nll", "ece", "nll_noisy"))
+    p.add_argument("--steps", type=int, default=RunConfig.steps)
+    p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    p.add_argument("--lr", type=float, default=RunConfig.lr)
+    p.add_argument("--weight-decay", type=float, default=RunConfig.weight_decay)
+    p.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=RunConfig.widths)
+    p.add_argument("--num-factors", type=int, default=RunConfig.num_factors)
+    p.add_argument("--train-samples", type=int, default=RunConfig.train_samples)
+    p.add_argument("--eval-samples", type=int, default=RunConfig.eval_samples)
+    p.add_argument("--init-scale", type=float, default=RunConfig.init_scale)
+    p.add_argument("--tau-init", type=float, default=RunConfig.tau_init)
+    p.add_argument("--fixed-tau", action="store_true", help="freeze the temperature at --tau-init")
+    p.add_argument("--full-rank-form", action="store_true", help="full V(x) instead of the parameter-efficient form")
+    p.add_argument("--test-size", type=int, default=600)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--title", default="")
+    p.add_argument("--out", default="docs/RESULTS_supervised.md")
+    p.add_argument("--json", default="bench/results/evidence_supervised.json")
+    p.add_argument("--figure", default="", help="PNG path ('' = none); e.g. docs/results_supervised.png")
+    p.add_argument("--from-json", action="store_true",
+                   help="re-write the report (and figure) from --json without training")
+    args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.json) as f:
+            report = json.load(f)
+        report["args"]["json"] = args.json
+    else:
+        bad = [a for a in args.arms if a not in ARMS]
+        if bad or not args.arms:
+            p.error(f"--arms: {bad or 'empty'} not in {ARMS}")
+        if args.seeds < 1 or args.steps < 1:
+            p.error("--seeds and --steps must be >= 1")
+        cfg = RunConfig(widths=args.widths, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        weight_decay=args.weight_decay, num_factors=args.num_factors,
+                        train_samples=args.train_samples, eval_samples=args.eval_samples,
+                        init_scale=args.init_scale, tau_init=args.tau_init, learn_tau=not args.fixed_tau,
+                        param_efficient=not args.full_rank_form)
+        from hetclip.xla import cpu_description
+
+        load_start = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
+        report = run_all(args, cfg, log=lambda s: print(s, flush=True))
+        report.update({
+            "args": {k: v for k, v in vars(args).items() if k not in ("from_json",)},
+            "config": dataclasses.asdict(cfg),
+            "command": shlex.join(["python", "bench/evidence_supervised.py"] +
+                                  list(argv if argv is not None else sys.argv[1:])),
+            "machine": cpu_description(),
+            "load_start": " ".join(load_start) if isinstance(load_start, list) else load_start,
+            "load_end": " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?",
+            "interpretation": "",  # written by hand into the JSON after looking at a run, never generated
+        })
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    figure = args.figure or report["args"].get("figure", "")
+    if figure:
+        plot(report, figure)
+        report["figure"] = figure
+    text = render(report)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
