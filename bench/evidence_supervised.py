@@ -18,7 +18,6 @@ average for the HET heads; the mean-logit prediction is reported too), and NLL a
 label distribution (what a model of the noise should get right). Every number in the report comes
 from runs made by this script.
 """
-from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -84,6 +83,14 @@ def partner_score(probs, labels, partner):
     lp = np.log(np.asarray(probs, np.float64) + 1e-12)
     rows = np.arange(len(labels))
     return lp[rows, partner[labels]] - lp[rows, labels]
+
+
+def ink_score(x):
+    """Total stroke intensity per image: a nuisance feature unrelated to which class an image resembles."""
+    return np.asarray(x, np.float64).sum(axis=1)
+
+
+HARD_RULES = {"partner": "most partner-like (by the reference model)", "ink": "most ink (thickest strokes)"}
 
 
 def hard_mask(labels, score, hard_fraction: float):
@@ -336,6 +343,8 @@ def run_all(args, cfg: RunConfig, log=print) -> dict:
     x_tr, y_tr, x_te, y_te = load_digits_split(args.test_size, args.split_seed)
     k = int(y_tr.max()) + 1
     partner, s_tr, s_te = reference_scores(x_tr, y_tr, x_te, y_te, k)
+    if args.hard_rule == "ink":
+        s_tr, s_te = ink_score(x_tr), ink_score(x_te)
     hard_tr = hard_mask(y_tr, s_tr, args.hard_fraction)
     hard_te = hard_mask(y_te, s_te, args.hard_fraction)
     arms = args.arms
@@ -383,7 +392,8 @@ def render(report: dict) -> str:
         "",
         f"Data: scikit-learn digits, {report['data']['train']} training / {report['data']['test']} clean test "
         f"images, {report['data']['classes']} classes. Confusion partner of each class (0-9): "
-        f"{report['data']['partner']}. Per class the {a['hard_fraction']:.0%} most partner-like training images "
+        f"{report['data']['partner']}. Per class the {a['hard_fraction']:.0%} "
+        f"{HARD_RULES[a.get('hard_rule', 'partner')]} training images "
         f"({report['data']['hard_train']}) take the partner's label with probability p; the others stay clean.",
         "",
         f"Model: MLP {' → '.join(str(w) for w in [64] + list(cfg['widths']))} (ReLU; the last layer is the "
@@ -480,6 +490,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--flip-probs", type=_floats, default=[0.0, 0.2, 0.4])
     p.add_argument("--hard-fraction", type=float, default=0.5)
+    p.add_argument("--hard-rule", choices=tuple(HARD_RULES), default="partner",
+                   help="which images of a class get noisy labels: " +
+                        "; ".join(f"{k}: the {v}" for k, v in HARD_RULES.items()))
     p.add_argument("--arms", type=lambda s: [a for a in s.split(",") if a], default=["DET", "HET", "HET-XL"],
                    help=f"comma-separated subset of {','.join(ARMS)} ({ARM_HELP})")
     p.add_argument("--primary", default="top1", choices=("top1", "nll", "ece", "nll_noisy"))
