@@ -441,7 +441,7 @@ def render(report: dict) -> str:
                     lines.append(f"| {arm} | {m} | {iv['mean']:+.4f} | [{iv['lo']:+.4f}, {iv['hi']:+.4f}] | "
                                  f"{verdict(iv, HIGHER_IS_BETTER.get(m, False))} |")
     if report.get("figure"):
-        lines += ["", f"![clean-test metrics against label noise]({os.path.basename(report['figure'])})"]
+        lines += ["", f"![clean-test metrics against label noise]({report['figure']})"]
     if report.get("interpretation"):
         lines += ["", "**Interpretation** (written by hand for this recorded run, stored in the JSON): "
                   + report["interpretation"]]
@@ -453,12 +453,18 @@ def mean_spread_or_nan(values) -> str:
     return mean_std(vals) if vals else "–"
 
 
-def plot(report: dict, path: str) -> None:
-    """Clean-test top-1 and NLL against the flip probability, one line per arm (mean ± std)."""
+def require_matplotlib(path: str):
     try:
         import matplotlib
     except ImportError as e:
-        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\"") from e
+        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\" "
+                         f"(or pass --figure '' for no figure)") from e
+    return matplotlib
+
+
+def plot(report: dict, path: str) -> None:
+    """Clean-test top-1, NLL and ECE against the flip probability, one line per arm (mean ± std)."""
+    matplotlib = require_matplotlib(path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -513,10 +519,14 @@ def main(argv=None):
     p.add_argument("--title", default="")
     p.add_argument("--out", default="docs/RESULTS_supervised.md")
     p.add_argument("--json", default="bench/results/evidence_supervised.json")
-    p.add_argument("--figure", default="", help="PNG path ('' = none); e.g. docs/results_supervised.png")
+    p.add_argument("--figure", default=None,
+                   help="PNG path; default: beside --out with the same stem, .png ('' = no figure)")
     p.add_argument("--from-json", action="store_true",
                    help="re-write the report (and figure) from --json without training")
     args = p.parse_args(argv)
+    figure = os.path.splitext(args.out)[0] + ".png" if args.figure is None else args.figure
+    if figure:
+        require_matplotlib(figure)  # before the runs, not after
     if args.from_json:
         with open(args.json) as f:
             report = json.load(f)
@@ -549,10 +559,10 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    figure = args.figure or report["args"].get("figure", "")
+    report["figure"] = ""
     if figure:
         plot(report, figure)
-        report["figure"] = figure
+        report["figure"] = os.path.relpath(figure, os.path.dirname(os.path.abspath(args.out)))
     text = render(report)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

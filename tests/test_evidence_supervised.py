@@ -101,7 +101,7 @@ def _res(top1, nll):
 def _report():
     return {
         "args": {"arms": ["DET", "HET-XL"], "primary": "top1", "seeds": 3, "hard_fraction": 0.5,
-                 "json": "x.json", "title": "My table", "figure": ""},
+                 "json": "x.json", "title": "My table"},
         "config": {"widths": [16], "lr": 0.001, "batch_size": 8, "steps": 5, "weight_decay": 0.0, "num_factors": 2,
                    "param_efficient": True, "train_samples": 2, "eval_samples": 2, "init_scale": 0.1,
                    "tau_init": 1.0, "learn_tau": True},
@@ -119,7 +119,7 @@ def test_report_from_json(es, tmp_path):
     src = tmp_path / "r.json"
     src.write_text(json.dumps(_report()))
     out = tmp_path / "R.md"
-    es.main(["--from-json", "--json", str(src), "--out", str(out)])
+    es.main(["--from-json", "--json", str(src), "--out", str(out), "--figure", ""])
     text = out.read_text()
     assert text.startswith("# My table\n")
     assert "`python bench/evidence_supervised.py X`" in text and "test box" in text and "hand text" in text
@@ -142,7 +142,7 @@ def test_cli_two_steps_every_arm(tmp_path):
     out, js, png = tmp_path / "R.md", tmp_path / "r.json", tmp_path / "f.png"
     cmd = [sys.executable, str(SCRIPT), "--seeds", "2", "--steps", "2", "--flip-probs", "0,0.4",
            "--arms", "DET,HET,HET-XL,DET-T", "--widths", "8", "--num-factors", "2", "--train-samples", "2",
-           "--eval-samples", "3", "--batch-size", "16", "--out", str(out), "--json", str(js)]
+           "--eval-samples", "3", "--batch-size", "16", "--out", str(out), "--json", str(js), "--figure", ""]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -172,6 +172,7 @@ def test_cli_two_steps_every_arm(tmp_path):
 
 def test_cli_rejects_an_unknown_arm(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--arms", "DET,HETX", "--out", str(tmp_path / "R.md"),
-                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+                           "--json", str(tmp_path / "r.json"), "--figure", ""], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0 and "HETX" in proc.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "R.md").exists()
