@@ -2,13 +2,15 @@
 noise, on scikit-learn's digits (8x8 images, 10 classes, shipped offline). Writes a markdown report
 (+ JSON, + PNG figure).
 
-    python bench/evidence_supervised.py [--seeds 5] [--steps 4000] [--flip-probs 0,0.2,0.4]
+    python bench/evidence_supervised.py [--seeds 5] [--steps 4000] [--flip-probs 0,0.2,0.4] [--hard-rule ink]
 
 Label noise that depends on the input: a clean reference model (logistic regression, out-of-fold on
-the training split) names, for every class ``c``, its most confusable other class ``partner(c)``,
-and scores every image by how much it looks like its partner. Per class, the ``--hard-fraction``
-most partner-like images get the partner's label with probability ``p`` (each value of
-``--flip-probs``); the other images keep their label. Test labels stay clean.
+the training split) names, for every class ``c``, its most confusable other class ``partner(c)``.
+Per class, the ``--hard-fraction`` "hard" images get the partner's label with probability ``p``
+(each value of ``--flip-probs``); the other images keep their label. ``--hard-rule partner``: the
+hard images are the most partner-like ones (annotators confuse confusable images: the noise sits
+where a clean model is already unsure); ``--hard-rule ink``: the ones with the most ink (the noise
+depends on a nuisance feature, away from the class boundary). Test labels stay clean.
 
 Every arm trains the same MLP (same initialisation of the shared layers, same batches, same label
 draws for a given seed) with a different head; for each noise level and seed the arms are paired,
