@@ -350,34 +350,49 @@ def run_all(args, cfg: RunConfig, log=print) -> dict:
     hard_tr = hard_mask(y_tr, s_tr, args.hard_fraction)
     hard_te = hard_mask(y_te, s_te, args.hard_fraction)
     arms = args.arms
-    runners = {a: make_runner(a, cfg, k, x_tr.shape[1]) for a in arms}
     results: dict = {}
+    regimes: dict = {}
     timing: dict = {a: 0.0 for a in arms}
     t0 = time.time()
-    for p in args.flip_probs:
-        q_te = label_distribution(y_te, hard_te, partner, p, k)
-        for seed in range(args.seeds):
-            y_noisy, flipped = noisy_labels(y_tr, hard_tr, partner, p, seed)
-            order = batch_order(len(y_tr), cfg.batch_size, cfg.steps, seed)
-            for arm in arms:
-                t = time.time()
-                mc_te, det_te, mc_tr, diag, _ = runners[arm](seed, x_tr, y_noisy, order, x_te)
-                res = evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped)
-                res.update({k: float(v) for k, v in diag.items()})
-                res["seconds"] = time.time() - t
-                timing[arm] += res["seconds"]
-                results.setdefault(f"{p:g}", {}).setdefault(arm, []).append(res)
-                log(f"[{time.time() - t0:.0f}s] p={p:g} seed {seed} {arm}: top1 {res['top1']:.3f} "
-                    f"nll {res['nll']:.3f} ece {res['ece']:.3f} nll_noisy {res['nll_noisy']:.3f} "
-                    f"flipped_fit {res['flipped_fit']:.2f} margin {res['margin']:.2f} tau {res.get('tau', 1):.3f} "
-                    f"noise_std {res.get('noise_std', 0):.3f} ({res['seconds']:.1f}s)")
+    for steps in args.steps:
+        run_cfg = dataclasses.replace(cfg, steps=steps)
+        runners = {a: make_runner(a, run_cfg, k, x_tr.shape[1]) for a in arms}
+        for p in args.flip_probs:
+            label = regime_label(steps, p, len(args.steps) > 1)
+            regimes[label] = {"steps": steps, "p": p}
+            q_te = label_distribution(y_te, hard_te, partner, p, k)
+            for seed in range(args.seeds):
+                y_noisy, flipped = noisy_labels(y_tr, hard_tr, partner, p, seed)
+                order = batch_order(len(y_tr), cfg.batch_size, steps, seed)
+                for arm in arms:
+                    t = time.time()
+                    mc_te, det_te, mc_tr, diag, _ = runners[arm](seed, x_tr, y_noisy, order, x_te)
+                    res = evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped)
+                    res.update({k: float(v) for k, v in diag.items()})
+                    res["seconds"] = time.time() - t
+                    timing[arm] += res["seconds"]
+                    results.setdefault(label, {}).setdefault(arm, []).append(res)
+                    log(f"[{time.time() - t0:.0f}s] {label} seed {seed} {arm}: top1 {res['top1']:.3f} "
+                        f"nll {res['nll']:.3f} ece {res['ece']:.3f} nll_noisy {res['nll_noisy']:.3f} "
+                        f"flipped_fit {res['flipped_fit']:.2f} margin {res['margin']:.2f} "
+                        f"tau {res.get('tau', 1):.3f} noise_std {res.get('noise_std', 0):.3f} ({res['seconds']:.1f}s)")
     params = {a: dict(zip(("head", "extra"), head_extra_params(a, cfg, k, x_tr.shape[1]))) for a in arms}
     data = {"train": int(len(y_tr)), "test": int(len(y_te)), "classes": k, "partner": partner.tolist(),
             "hard_train": int(hard_tr.sum()),
             "flipped_train": {f"{p:g}": [int(noisy_labels(y_tr, hard_tr, partner, p, s)[1].sum())
                                          for s in range(args.seeds)] for p in args.flip_probs}}
-    return {"results": results, "params": params, "data": data, "wall_seconds": time.time() - t0,
-            "arm_seconds": timing}
+    return {"results": results, "regimes": regimes, "params": params, "data": data,
+            "wall_seconds": time.time() - t0, "arm_seconds": timing}
+
+
+def regime_label(steps: int, p: float, with_steps: bool) -> str:
+    return f"{steps} steps, p={p:g}" if with_steps else f"{p:g}"
+
+
+def regimes_of(report: dict) -> dict:
+    """``{label: {"steps", "p"}}`` (reports with one step count key their results by ``p`` alone)."""
+    return report.get("regimes") or {k: {"steps": report["config"]["steps"], "p": float(k)}
+                                     for k in report["results"]}
 
 
 def render(report: dict) -> str:
@@ -399,7 +414,8 @@ def render(report: dict) -> str:
         f"({report['data']['hard_train']}) take the partner's label with probability p; the others stay clean.",
         "",
         f"Model: MLP {' → '.join(str(w) for w in [64] + list(cfg['widths']))} (ReLU; the last layer is the "
-        f"pre-logits), then the head. Adam lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['steps']} steps, "
+        f"pre-logits), then the head. Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
+        f"{', '.join(str(v) for v in sorted({r['steps'] for r in regimes_of(report).values()}))} steps, "
         f"weight decay {cfg['weight_decay']}. HET / HET-XL: R={cfg['num_factors']} factors "
         f"({'parameter-efficient' if cfg['param_efficient'] else 'full'} V(x)), {cfg['train_samples']} MC samples "
         f"in training, {cfg['eval_samples']} at test, noise init scale {cfg['init_scale']}, bounded temperature "
@@ -425,10 +441,12 @@ def render(report: dict) -> str:
         pr = report["params"][arm]
         lines.append(f"| {arm} | {pr['head']:,} | {pr['extra']:,} |")
     cols = [m for m in METRICS]
-    for p, by_arm in report["results"].items():
-        flips = report["data"]["flipped_train"].get(p, [])
-        lines += ["", f"## Flip probability p = {p}" + (f" ({statistics.mean(flips):.0f} training labels "
-                                                        f"flipped on average)" if flips else ""), "",
+    regimes = regimes_of(report)
+    for label, by_arm in report["results"].items():
+        reg = regimes[label]
+        flips = report["data"]["flipped_train"].get(f"{reg['p']:g}", [])
+        lines += ["", f"## {reg['steps']} steps, flip probability p = {reg['p']:g}" +
+                  (f" ({statistics.mean(flips):.0f} training labels flipped on average)" if flips else ""), "",
                   "| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for arm in arms:
             rs = by_arm[arm]
@@ -470,19 +488,30 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ps = sorted(report["results"], key=float)
+    regimes = regimes_of(report)
+    steps = sorted({r["steps"] for r in regimes.values()})
+    ps = sorted({r["p"] for r in regimes.values()})
+    by_steps = len(steps) > 1  # x axis: training steps if several, else the flip probability
+    series = ps if by_steps else steps
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, m, label in zip(axes, ("top1", "nll", "ece"), ("clean-test top-1", "clean-test NLL", "clean-test ECE")):
         for i, arm in enumerate(report["args"]["arms"]):
-            vals = [[r[m] for r in report["results"][p][arm]] for p in ps]
-            mu = [statistics.mean(v) for v in vals]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            xs = [float(p) + (i - 1.5) * 0.004 for p in ps]
-            ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=arm)
-        ax.set_xlabel("flip probability p on the hard half")
+            for j, other in enumerate(series):
+                pts = sorted(((r["steps"] if by_steps else r["p"], report["results"][lab][arm])
+                              for lab, r in regimes.items() if (r["p"] if by_steps else r["steps"]) == other),
+                             key=lambda t: t[0])
+                mu = [statistics.mean(x[m] for x in rs) for _, rs in pts]
+                sd = [statistics.stdev([x[m] for x in rs]) if len(rs) > 1 else 0.0 for _, rs in pts]
+                xs = [v * (1 + 0.02 * (i - 1.5)) if by_steps else v + (i - 1.5) * 0.004 for v, _ in pts]
+                name = arm + (f", p={other:g}" if by_steps and len(series) > 1 else "")
+                ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=name,
+                            color=f"C{i}", linestyle=("-", "--", ":", "-.")[j % 4])
+        if by_steps:
+            ax.set_xscale("log")
+        ax.set_xlabel("training steps" if by_steps else "flip probability p on the hard images")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"digits, {report['args']['seeds']} seeds, mean ± std", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -504,7 +533,8 @@ def main(argv=None):
     p.add_argument("--arms", type=lambda s: [a for a in s.split(",") if a], default=["DET", "HET", "HET-XL"],
                    help=f"comma-separated subset of {','.join(ARMS)} ({ARM_HELP})")
     p.add_argument("--primary", default="top1", choices=("top1", "nll", "ece", "nll_noisy"))
-    p.add_argument("--steps", type=int, default=RunConfig.steps)
+    p.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[RunConfig.steps],
+                   help="training steps; a comma list makes training length a regime axis")
     p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     p.add_argument("--lr", type=float, default=RunConfig.lr)
     p.add_argument("--weight-decay", type=float, default=RunConfig.weight_decay)
@@ -537,9 +567,9 @@ def main(argv=None):
         bad = [a for a in args.arms if a not in ARMS]
         if bad or not args.arms:
             p.error(f"--arms: {bad or 'empty'} not in {ARMS}")
-        if args.seeds < 1 or args.steps < 1:
+        if args.seeds < 1 or not args.steps or min(args.steps) < 1:
             p.error("--seeds and --steps must be >= 1")
-        cfg = RunConfig(widths=args.widths, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        cfg = RunConfig(widths=args.widths, steps=args.steps[0], batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, num_factors=args.num_factors,
                         train_samples=args.train_samples, eval_samples=args.eval_samples,
                         init_scale=args.init_scale, tau_init=args.tau_init, learn_tau=not args.fixed_tau,
@@ -550,7 +580,7 @@ def main(argv=None):
         report = run_all(args, cfg, log=lambda s: print(s, flush=True))
         report.update({
             "args": {k: v for k, v in vars(args).items() if k not in ("from_json",)},
-            "config": dataclasses.asdict(cfg),
+            "config": {**dataclasses.asdict(cfg), "steps": args.steps},
             "command": shlex.join(["python", "bench/evidence_supervised.py"] +
                                   list(argv if argv is not None else sys.argv[1:])),
             "machine": cpu_description(),

@@ -124,7 +124,7 @@ def test_report_from_json(es, tmp_path):
     assert text.startswith("# My table\n")
     assert "`python bench/evidence_supervised.py X`" in text and "test box" in text and "hand text" in text
     assert "| HET-XL | 300 | 130 |" in text
-    assert "## Flip probability p = 0.4 (3 training labels flipped on average)" in text
+    assert "## 5 steps, flip probability p = 0.4 (3 training labels flipped on average)" in text
     assert "| DET | 0.800 ± 0.020 | 1.000 ± 0.100 |" in text
     # top1 differences 0.05, 0.04, 0.06: mean 0.05, sd 0.01, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
     assert "| HET-XL | top1 | +0.0500 | [+0.0252, +0.0748] | **better** (interval excludes 0) |" in text
@@ -176,3 +176,19 @@ def test_cli_rejects_an_unknown_arm(tmp_path):
                           timeout=300)
     assert proc.returncode != 0 and "HETX" in proc.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "R.md").exists()
+
+
+def test_training_length_as_a_regime_axis(es, tmp_path):
+    rep = _report()
+    runs = rep["results"].pop("0.4")
+    rep["results"] = {"100 steps, p=0.4": runs, "400 steps, p=0.4": runs}
+    rep["regimes"] = {"100 steps, p=0.4": {"steps": 100, "p": 0.4}, "400 steps, p=0.4": {"steps": 400, "p": 0.4}}
+    rep["config"]["steps"] = [100, 400]
+    src, out = tmp_path / "r.json", tmp_path / "R.md"
+    src.write_text(json.dumps(rep))
+    pytest.importorskip("matplotlib")  # the optional `plot` extra
+    es.main(["--from-json", "--json", str(src), "--out", str(out)])
+    text = out.read_text()
+    assert "## 100 steps, flip probability p = 0.4" in text and "## 400 steps, flip probability p = 0.4" in text
+    assert "batch 8, 100, 400 steps" in text and "![clean-test metrics against label noise](R.png)" in text
+    assert (tmp_path / "R.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
