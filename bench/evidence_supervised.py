@@ -483,38 +483,65 @@ def require_matplotlib(path: str):
 
 
 def plot(report: dict, path: str) -> None:
-    """Clean-test top-1, NLL and ECE against the flip probability, one line per arm (mean ± std)."""
+    """Four panels against the regime axis (training steps if several, else the flip probability):
+    clean-test top-1 (mean ± std), the paired top-1 difference to DET (mean and 95 % interval), NLL, ECE."""
     matplotlib = require_matplotlib(path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     regimes = regimes_of(report)
+    arms = report["args"]["arms"]
     steps = sorted({r["steps"] for r in regimes.values()})
     ps = sorted({r["p"] for r in regimes.values()})
-    by_steps = len(steps) > 1  # x axis: training steps if several, else the flip probability
+    by_steps = len(steps) > 1
     series = ps if by_steps else steps
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, m, label in zip(axes, ("top1", "nll", "ece"), ("clean-test top-1", "clean-test NLL", "clean-test ECE")):
-        for i, arm in enumerate(report["args"]["arms"]):
+    xvals = steps if by_steps else ps
+
+    def points(other):
+        pts = [(r["steps"] if by_steps else r["p"], report["results"][lab])
+               for lab, r in regimes.items() if (r["p"] if by_steps else r["steps"]) == other]
+        return sorted(pts, key=lambda t: t[0])
+
+    def shift(v, i):
+        return v * (1 + 0.025 * (i - (len(arms) - 1) / 2)) if by_steps else v + (i - (len(arms) - 1) / 2) * 0.006
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    panels = (("top1", "clean-test top-1 (mean ± std)"), ("dtop1", "top-1 − DET, paired 95 % interval"),
+              ("nll", "clean-test NLL (mean ± std)"), ("ece", "clean-test ECE (mean ± std)"))
+    for ax, (m, title) in zip(axes, panels):
+        for i, arm in enumerate(arms):
+            if m == "dtop1" and (arm == "DET" or "DET" not in arms):
+                continue
             for j, other in enumerate(series):
-                pts = sorted(((r["steps"] if by_steps else r["p"], report["results"][lab][arm])
-                              for lab, r in regimes.items() if (r["p"] if by_steps else r["steps"]) == other),
-                             key=lambda t: t[0])
-                mu = [statistics.mean(x[m] for x in rs) for _, rs in pts]
-                sd = [statistics.stdev([x[m] for x in rs]) if len(rs) > 1 else 0.0 for _, rs in pts]
-                xs = [v * (1 + 0.02 * (i - 1.5)) if by_steps else v + (i - 1.5) * 0.004 for v, _ in pts]
-                name = arm + (f", p={other:g}" if by_steps and len(series) > 1 else "")
-                ax.errorbar(xs, mu, yerr=sd, marker="o", capsize=3, label=name,
+                pts = points(other)
+                if m == "dtop1":
+                    ivs = [paired_interval([x["top1"] for x in res["DET"]], [x["top1"] for x in res[arm]])
+                           for _, res in pts]
+                    mu = [iv["mean"] for iv in ivs]
+                    err = [[iv["mean"] - iv["lo"] if math.isfinite(iv["lo"]) else 0.0 for iv in ivs],
+                           [iv["hi"] - iv["mean"] if math.isfinite(iv["hi"]) else 0.0 for iv in ivs]]
+                else:
+                    mu = [statistics.mean(x[m] for x in res[arm]) for _, res in pts]
+                    err = [statistics.stdev([x[m] for x in res[arm]]) if len(res[arm]) > 1 else 0.0
+                           for _, res in pts]
+                name = arm + (f", p={other:g}" if by_steps and len(series) > 1 else
+                              f", {other} steps" if not by_steps and len(series) > 1 else "")
+                ax.errorbar([shift(v, i) for v, _ in pts], mu, yerr=err, marker="o", capsize=3, label=name,
                             color=f"C{i}", linestyle=("-", "--", ":", "-.")[j % 4])
+        if m == "dtop1":
+            ax.axhline(0.0, color="black", linewidth=0.8)
         if by_steps:
             ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(xvals, [f"{v:g}" for v in xvals])
         ax.set_xlabel("training steps" if by_steps else "flip probability p on the hard images")
-        ax.set_title(label)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"digits, {report['args']['seeds']} seeds, mean ± std", fontsize=10)
+    rule = HARD_RULES[report["args"].get("hard_rule", "partner")]
+    fig.suptitle(f"digits, {report['args']['seeds']} seeds; noisy labels on the {rule} half of each class", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
