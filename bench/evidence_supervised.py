@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -405,7 +406,8 @@ def render(report: dict) -> str:
         "",
         f"Produced by `bench/evidence_supervised.py`; raw numbers in `{a['json']}`. Command: `{report['command']}`. "
         f"Machine: {report['machine']}; load average at the start {report.get('load_start', '?')}, "
-        f"at the end {report.get('load_end', '?')}; wall time {report['wall_seconds'] / 60:.1f} min.",
+        f"at the end {report.get('load_end', '?')}; wall time {report['wall_seconds'] / 60:.1f} min"
+        + (f", CPU time {report['cpu_seconds'] / 60:.1f} min" if "cpu_seconds" in report else "") + ".",
         "",
         f"Data: scikit-learn digits, {report['data']['train']} training / {report['data']['test']} clean test "
         f"images, {report['data']['classes']} classes. Confusion partner of each class (0-9): "
@@ -605,7 +607,9 @@ def main(argv=None):
 
         load_start = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
         report = run_all(args, cfg, log=lambda s: print(s, flush=True))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         report.update({
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,  # this process: what a quiet machine needs
             "args": {k: v for k, v in vars(args).items() if k not in ("from_json",)},
             "config": {**dataclasses.asdict(cfg), "steps": args.steps},
             "command": shlex.join(["python", "bench/evidence_supervised.py"] +
