@@ -138,6 +138,7 @@ def test_plot_without_matplotlib_names_the_extra(es, tmp_path, monkeypatch):
         es.plot(_report(), str(tmp_path / "f.png"))
 
 
+@pytest.mark.slow
 def test_cli_two_steps_every_arm(tmp_path):
     out, js, png = tmp_path / "R.md", tmp_path / "r.json", tmp_path / "f.png"
     cmd = [sys.executable, str(SCRIPT), "--seeds", "2", "--steps", "2", "--flip-probs", "0,0.4",
