@@ -197,6 +197,12 @@ class RunConfig:
     param_efficient: bool = True
 
 
+def temperature_config(cfg: RunConfig):
+    from hetclip import heads
+
+    return heads.TemperatureConfig(kind="bounded", init=cfg.tau_init, tau_lo=0.05, tau_hi=5.0)
+
+
 def build_model(arm: str, cfg: RunConfig, num_classes: int):
     import flax.linen as nn
 
@@ -204,7 +210,7 @@ def build_model(arm: str, cfg: RunConfig, num_classes: int):
 
     if arm not in ARMS:
         raise ValueError(f"arm {arm!r} is not one of {ARMS}")
-    tau = heads.TemperatureConfig(kind="bounded", init=cfg.tau_init, tau_lo=0.05, tau_hi=5.0)
+    tau = temperature_config(cfg)
 
     class Net(nn.Module):
         @nn.compact
@@ -230,8 +236,9 @@ def count_params(tree) -> int:
 
 
 def make_runner(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
-    """``run(seed, x_tr, y_tr, order, x_te) -> (mc_log_probs, det_log_probs, train_log_probs, params)``,
-    jitted once per arm and config (seeds and noise levels reuse the compiled program)."""
+    """``run(seed, x_tr, y_tr, order, x_te) -> (test log-probs of the predictive, test log-probs of the
+    mean logits, train log-probs of the predictive, diagnostics, per-step losses)``, jitted once per arm
+    and config (seeds and noise levels reuse the compiled program)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -290,8 +297,8 @@ def make_runner(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
         top2 = jax.lax.top_k(det_te, 2)[0]
         diag = {"margin": jnp.mean(top2[:, 0] - top2[:, 1])}
         if arm != "DET":
-            t = params["head"]["temperature"]["t"]
-            diag["tau"] = 0.05 + (5.0 - 0.05) * jax.nn.sigmoid(t)
+            scale = heads.Temperature(temperature_config(cfg)).apply({"params": params["head"]["temperature"]})
+            diag["tau"] = 1.0 / scale
         if noisy:
             out = model.apply({"params": params}, x_te, deterministic=True)
             cov = noise_lib.covariance(out["noise"])
