@@ -64,8 +64,9 @@ def reference_scores(x_train, y_train, x_test, y_test, num_classes: int):
     """Confusion structure of a clean reference model (multinomial logistic regression).
 
     Returns ``partner [K]`` (for each class, the other class that gets most out-of-fold probability
-    mass on its training images), and per-image scores ``log p(partner(y)|x) - log p(y|x)`` for the
-    training split (out-of-fold, 5 folds) and the test split (model fit on the whole training split).
+    mass on its training images), per-image scores ``log p(partner(y)|x) - log p(y|x)`` for the
+    training split (out-of-fold, 5 folds) and the test split (model fit on the whole training split),
+    and the out-of-fold probability of each training image's own label.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
@@ -78,7 +79,8 @@ def reference_scores(x_train, y_train, x_test, y_test, num_classes: int):
         mass[c] = p_tr[y_train == c].sum(0)
         mass[c, c] = -np.inf
     partner = mass.argmax(1).astype(np.int32)
-    return partner, partner_score(p_tr, y_train, partner), partner_score(p_te, y_test, partner)
+    conf_tr = p_tr[np.arange(len(y_train)), y_train]
+    return partner, partner_score(p_tr, y_train, partner), partner_score(p_te, y_test, partner), conf_tr
 
 
 def partner_score(probs, labels, partner):
@@ -349,14 +351,29 @@ def head_extra_params(arm: str, cfg: RunConfig, num_classes: int, num_features: 
 # Experiment driver
 # ---------------------------------------------------------------------------------------------
 
-def run_all(args, cfg: RunConfig, log=print) -> dict:
-    x_tr, y_tr, x_te, y_te = load_digits_split(args.test_size, args.split_seed)
+def noise_setup(test_size: int, split_seed: int, hard_rule: str, hard_fraction: float):
+    """Data, confusion partners and hard masks: ``(x_tr, y_tr, x_te, y_te, partner, hard_tr, hard_te,
+    placement)``; ``placement`` says how sure the clean reference model is (out-of-fold probability of
+    the true label) on the hard and on the other training images."""
+    x_tr, y_tr, x_te, y_te = load_digits_split(test_size, split_seed)
     k = int(y_tr.max()) + 1
-    partner, s_tr, s_te = reference_scores(x_tr, y_tr, x_te, y_te, k)
-    if args.hard_rule == "ink":
+    partner, s_tr, s_te, conf_tr = reference_scores(x_tr, y_tr, x_te, y_te, k)
+    if hard_rule == "ink":
         s_tr, s_te = ink_score(x_tr), ink_score(x_te)
-    hard_tr = hard_mask(y_tr, s_tr, args.hard_fraction)
-    hard_te = hard_mask(y_te, s_te, args.hard_fraction)
+    hard_tr = hard_mask(y_tr, s_tr, hard_fraction)
+    hard_te = hard_mask(y_te, s_te, hard_fraction)
+    placement = {"ref_conf_hard": float(conf_tr[hard_tr].mean()) if hard_tr.any() else math.nan,
+                 "ref_conf_easy": float(conf_tr[~hard_tr].mean()) if (~hard_tr).any() else math.nan}
+    return x_tr, y_tr, x_te, y_te, partner, hard_tr, hard_te, placement
+
+
+def run_all(args, cfg: RunConfig, log=print) -> dict:
+    """Every (steps, p) regime × split × seed × arm; within a regime, the arms' result lists are
+    aligned by (split, seed), which is the pairing unit of the intervals."""
+    splits = args.split_seed
+    setups = {s: noise_setup(args.test_size, s, args.hard_rule, args.hard_fraction) for s in splits}
+    x0, y0 = setups[splits[0]][0], setups[splits[0]][1]
+    k = int(y0.max()) + 1
     arms = args.arms
     results: dict = {}
     regimes: dict = {}
@@ -364,31 +381,39 @@ def run_all(args, cfg: RunConfig, log=print) -> dict:
     t0 = time.time()
     for steps in args.steps:
         run_cfg = dataclasses.replace(cfg, steps=steps)
-        runners = {a: make_runner(a, run_cfg, k, x_tr.shape[1]) for a in arms}
+        runners = {a: make_runner(a, run_cfg, k, x0.shape[1]) for a in arms}
         for p in args.flip_probs:
             label = regime_label(steps, p, len(args.steps) > 1)
             regimes[label] = {"steps": steps, "p": p}
-            q_te = label_distribution(y_te, hard_te, partner, p, k)
-            for seed in range(args.seeds):
-                y_noisy, flipped = noisy_labels(y_tr, hard_tr, partner, p, seed)
-                order = batch_order(len(y_tr), cfg.batch_size, steps, seed)
-                for arm in arms:
-                    t = time.time()
-                    mc_te, det_te, mc_tr, diag, _ = runners[arm](seed, x_tr, y_noisy, order, x_te)
-                    res = evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped)
-                    res.update({k: float(v) for k, v in diag.items()})
-                    res["seconds"] = time.time() - t
-                    timing[arm] += res["seconds"]
-                    results.setdefault(label, {}).setdefault(arm, []).append(res)
-                    log(f"[{time.time() - t0:.0f}s] {label} seed {seed} {arm}: top1 {res['top1']:.3f} "
-                        f"nll {res['nll']:.3f} ece {res['ece']:.3f} nll_noisy {res['nll_noisy']:.3f} "
-                        f"flipped_fit {res['flipped_fit']:.2f} margin {res['margin']:.2f} "
-                        f"tau {res.get('tau', 1):.3f} noise_std {res.get('noise_std', 0):.3f} ({res['seconds']:.1f}s)")
-    params = {a: dict(zip(("head", "extra"), head_extra_params(a, cfg, k, x_tr.shape[1]))) for a in arms}
-    data = {"train": int(len(y_tr)), "test": int(len(y_te)), "classes": k, "partner": partner.tolist(),
-            "hard_train": int(hard_tr.sum()),
-            "flipped_train": {f"{p:g}": [int(noisy_labels(y_tr, hard_tr, partner, p, s)[1].sum())
-                                         for s in range(args.seeds)] for p in args.flip_probs}}
+            for split in splits:
+                x_tr, y_tr, x_te, y_te, partner, hard_tr, hard_te, _ = setups[split]
+                q_te = label_distribution(y_te, hard_te, partner, p, k)
+                for seed in range(args.seeds):
+                    y_noisy, flipped = noisy_labels(y_tr, hard_tr, partner, p, seed)
+                    order = batch_order(len(y_tr), cfg.batch_size, steps, seed)
+                    for arm in arms:
+                        t = time.time()
+                        mc_te, det_te, mc_tr, diag, _ = runners[arm](seed, x_tr, y_noisy, order, x_te)
+                        res = evaluate(mc_te, det_te, y_te, q_te, mc_tr, y_noisy, flipped)
+                        res.update({name: float(v) for name, v in diag.items()})
+                        res["seconds"] = time.time() - t
+                        timing[arm] += res["seconds"]
+                        results.setdefault(label, {}).setdefault(arm, []).append(res)
+                        log(f"[{time.time() - t0:.0f}s] {label} split {split} seed {seed} {arm}: "
+                            f"top1 {res['top1']:.3f} nll {res['nll']:.3f} ece {res['ece']:.3f} "
+                            f"nll_noisy {res['nll_noisy']:.3f} flipped_fit {res['flipped_fit']:.2f} "
+                            f"margin {res['margin']:.2f} tau {res.get('tau', 1):.3f} "
+                            f"noise_std {res.get('noise_std', 0):.3f} ({res['seconds']:.1f}s)")
+    params = {a: dict(zip(("head", "extra"), head_extra_params(a, cfg, k, x0.shape[1]))) for a in arms}
+    first = setups[splits[0]]
+    placements = [setups[s][-1] for s in splits]
+    data = {"train": int(len(first[1])), "test": int(len(first[3])), "classes": k, "partner": first[4].tolist(),
+            "hard_train": int(first[5].sum()), "splits": list(splits),
+            **{key: statistics.mean(pl[key] for pl in placements) for key in placements[0]},
+            "flipped_train": {f"{p:g}": [int(noisy_labels(setups[sp][1], setups[sp][5], setups[sp][4], p, s)[1].sum())
+                                         for sp in splits for s in range(args.seeds)] for p in args.flip_probs}}
+    if len(splits) > 1:
+        data["partner_by_split"] = {str(sp): setups[sp][4].tolist() for sp in splits}
     return {"results": results, "regimes": regimes, "params": params, "data": data,
             "wall_seconds": time.time() - t0, "arm_seconds": timing}
 
@@ -418,9 +443,12 @@ def render(report: dict) -> str:
         "",
         f"Data: scikit-learn digits, {report['data']['train']} training / {report['data']['test']} clean test "
         f"images, {report['data']['classes']} classes. Confusion partner of each class (0-9): "
-        f"{report['data']['partner']}. Per class the {a['hard_fraction']:.0%} "
+        f"{report['data']['partner']}{' (first split; every split in the JSON)' if 'partner_by_split' in report['data'] else ''}. Per class the {a['hard_fraction']:.0%} "
         f"{HARD_RULES[a.get('hard_rule', 'partner')]} training images "
-        f"({report['data']['hard_train']}) take the partner's label with probability p; the others stay clean.",
+        f"({report['data']['hard_train']}) take the partner's label with probability p; the others stay clean."
+        + (f" A clean reference model (logistic regression, out-of-fold) gives the true label of the hard images "
+           f"probability {report['data']['ref_conf_hard']:.3f} on average, of the others "
+           f"{report['data']['ref_conf_easy']:.3f}." if "ref_conf_hard" in report["data"] else ""),
         "",
         f"Model: MLP {' → '.join(str(w) for w in [64] + list(cfg['widths']))} (ReLU; the last layer is the "
         f"pre-logits), then the head. Adam lr {cfg['lr']}, batch {cfg['batch_size']}, "
@@ -430,7 +458,7 @@ def render(report: dict) -> str:
         f"in training, {cfg['eval_samples']} at test, noise init scale {cfg['init_scale']}, bounded temperature "
         f"τ ∈ [0.05, 5] starting at {cfg['tau_init']} ({'learned' if cfg['learn_tau'] else 'fixed'}). {ARM_HELP}.",
         "",
-        f"{a['seeds']} seeds per arm; within a seed every arm sees the same label draw, batches and shared-layer "
+        f"{pairs_text(report)}; within a seed every arm sees the same label draw, batches and shared-layer "
         f"initialisation. Primary metric (named before the run): clean-test **{primary}**. Mean ± std over seeds; "
         f"Δ = arm − DET, paired 95 % t-interval over seeds.",
         "",
@@ -475,6 +503,17 @@ def render(report: dict) -> str:
         lines += ["", "**Interpretation** (written by hand for this recorded run, stored in the JSON): "
                   + report["interpretation"]]
     return "\n".join(lines) + "\n"
+
+
+def pairs_text(report: dict) -> str:
+    splits = report["data"].get("splits") or [report["args"].get("split_seed", 0)]
+    if isinstance(splits[0], list):
+        splits = splits[0]
+    seeds = report["args"]["seeds"]
+    if len(splits) == 1:
+        return f"{seeds} seeds per arm (train/test split seed {splits[0]})"
+    return (f"{len(splits)} train/test splits (seeds {', '.join(map(str, splits))}) × {seeds} seeds = "
+            f"{len(splits) * seeds} pairs per arm, mean ± std and intervals over all pairs")
 
 
 def mean_spread_or_nan(values) -> str:
@@ -548,7 +587,7 @@ def plot(report: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     rule = HARD_RULES[report["args"].get("hard_rule", "partner")]
-    fig.suptitle(f"digits, {report['args']['seeds']} seeds; noisy labels on the {rule} half of each class", fontsize=10)
+    fig.suptitle(f"digits, {pairs_text(report)}; noisy labels on the {rule} half of each class", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -583,7 +622,8 @@ def main(argv=None):
     p.add_argument("--fixed-tau", action="store_true", help="freeze the temperature at --tau-init")
     p.add_argument("--full-rank-form", action="store_true", help="full V(x) instead of the parameter-efficient form")
     p.add_argument("--test-size", type=int, default=600)
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[0],
+                   help="train/test split seed(s); with several, (split, seed) is the pairing unit")
     p.add_argument("--title", default="")
     p.add_argument("--out", default="docs/RESULTS_supervised.md")
     p.add_argument("--json", default="bench/results/evidence_supervised.json")
@@ -599,6 +639,11 @@ def main(argv=None):
         with open(args.json) as f:
             report = json.load(f)
         report["args"]["json"] = args.json
+        if "ref_conf_hard" not in report["data"]:  # deterministic in the recorded arguments: derive it
+            a = report["args"]
+            split = a.get("split_seed", 0)
+            report["data"].update(noise_setup(a.get("test_size", 600), split[0] if isinstance(split, list) else split,
+                                              a.get("hard_rule", "partner"), a["hard_fraction"])[-1])
     else:
         bad = [a for a in args.arms if a not in ARMS]
         if bad or not args.arms:

@@ -141,7 +141,8 @@ def test_plot_without_matplotlib_names_the_extra(es, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_cli_two_steps_every_arm(tmp_path):
     out, js, png = tmp_path / "R.md", tmp_path / "r.json", tmp_path / "f.png"
-    cmd = [sys.executable, str(SCRIPT), "--seeds", "2", "--steps", "2", "--flip-probs", "0,0.4",
+    # 2 splits x 1 seed: (split, seed) is the pairing unit, so every interval has 2 pairs
+    cmd = [sys.executable, str(SCRIPT), "--seeds", "1", "--split-seed", "0,1", "--steps", "2", "--flip-probs", "0,0.4",
            "--arms", "DET,HET,HET-XL,DET-T", "--widths", "8", "--num-factors", "2", "--train-samples", "2",
            "--eval-samples", "3", "--batch-size", "16", "--out", str(out), "--json", str(js), "--figure", ""]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -162,7 +163,9 @@ def test_cli_two_steps_every_arm(tmp_path):
     for arm in ("HET", "HET-XL"):
         assert rep["results"]["0.4"][arm][0]["noise_std"] > 0 and rep["results"]["0.4"][arm][0]["tau"] > 0
     assert "noise_std" not in rep["results"]["0.4"]["DET-T"][0] and "tau" in rep["results"]["0.4"]["DET-T"][0]
-    assert "| HET-XL | top1 |" in out.read_text()
+    assert rep["data"]["splits"] == [0, 1] and set(rep["data"]["partner_by_split"]) == {"0", "1"}
+    text = out.read_text()
+    assert "| HET-XL | top1 |" in text and "2 train/test splits (seeds 0, 1) × 1 seeds = 2 pairs per arm" in text
     # the figure is re-rendered from the saved JSON (matplotlib is the optional `plot` extra)
     pytest.importorskip("matplotlib")
     es_main = [sys.executable, str(SCRIPT), "--from-json", "--json", str(js), "--out", str(out), "--figure", str(png)]
