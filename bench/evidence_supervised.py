@@ -497,12 +497,33 @@ def render(report: dict) -> str:
                     iv = paired_interval([r[m] for r in by_arm["DET"]], [r[m] for r in by_arm[arm]])
                     lines.append(f"| {arm} | {m} | {iv['mean']:+.4f} | [{iv['lo']:+.4f}, {iv['hi']:+.4f}] | "
                                  f"{verdict(iv, HIGHER_IS_BETTER.get(m, False))} |")
+            splits = report["data"].get("splits") or []
+            if len(splits) > 1:
+                lines += ["", f"Pairs on the same split share its test set, so the split is also checked as the "
+                              f"unit: per-split mean Δ {primary} (splits {', '.join(map(str, splits))}) and the "
+                              f"95 % interval over the {len(splits)} split means:", ""]
+                for arm in arms:
+                    if arm != "DET":
+                        per = split_means(by_arm["DET"], by_arm[arm], primary, len(splits))
+                        iv = paired_interval([0.0] * len(per), per)
+                        lines.append(f"- {arm}: {', '.join(f'{v:+.4f}' for v in per)}; interval "
+                                     f"[{iv['lo']:+.4f}, {iv['hi']:+.4f}], "
+                                     f"{verdict(iv, HIGHER_IS_BETTER.get(primary, False))}")
     if report.get("figure"):
         lines += ["", f"![clean-test metrics against label noise]({report['figure']})"]
     if report.get("interpretation"):
         lines += ["", "**Interpretation** (written by hand for this recorded run, stored in the JSON): "
                   + report["interpretation"]]
     return "\n".join(lines) + "\n"
+
+
+def split_means(det_runs, arm_runs, metric: str, num_splits: int):
+    """Mean ``arm - DET`` difference of ``metric`` per split (runs are ordered split-major)."""
+    if len(det_runs) != len(arm_runs) or len(det_runs) % num_splits:
+        raise ValueError(f"{len(det_runs)} DET and {len(arm_runs)} arm runs do not split into {num_splits} splits")
+    n = len(det_runs) // num_splits
+    d = [b[metric] - a[metric] for a, b in zip(det_runs, arm_runs)]
+    return [statistics.mean(d[i * n:(i + 1) * n]) for i in range(num_splits)]
 
 
 def pairs_text(report: dict) -> str:

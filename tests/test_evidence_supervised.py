@@ -196,3 +196,12 @@ def test_training_length_as_a_regime_axis(es, tmp_path):
     assert "## 100 steps, flip probability p = 0.4" in text and "## 400 steps, flip probability p = 0.4" in text
     assert "batch 8, 100, 400 steps" in text and "![clean-test metrics against label noise](R.png)" in text
     assert (tmp_path / "R.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_split_means_group_pairs_split_major(es):
+    det = [{"top1": v} for v in (0.80, 0.82, 0.70, 0.74)]
+    het = [{"top1": v} for v in (0.81, 0.85, 0.70, 0.78)]
+    # split 0: differences +0.01, +0.03 -> +0.02; split 1: 0.00, +0.04 -> +0.02
+    assert es.split_means(det, het, "top1", 2) == pytest.approx([0.02, 0.02])
+    with pytest.raises(ValueError, match="do not split into 3 splits"):
+        es.split_means(det, het, "top1", 3)
