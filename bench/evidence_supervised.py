@@ -13,9 +13,9 @@ where a clean model is already unsure); ``--hard-rule ink``: the ones with the m
 depends on a nuisance feature, away from the class boundary). Test labels stay clean.
 
 Every arm trains the same MLP (same initialisation of the shared layers, same batches, same label
-draws for a given seed) with a different head; for each noise level and seed the arms are paired,
-and the report gives each arm's mean ± std over seeds and the paired 95 % t-interval of its
-difference to DET. Metrics on the clean test split: top-1, NLL, ECE of the predictive (the MC
+draws for a given seed) with a different head; for each regime (training length, noise level),
+split and seed the arms are paired, and the report gives each arm's mean ± std and the paired 95 %
+t-interval of its difference to DET (with several splits, also over the per-split means). Metrics on the clean test split: top-1, NLL, ECE of the predictive (the MC
 average for the HET heads; the mean-logit prediction is reported too), and NLL against the noisy
 label distribution (what a model of the noise should get right). Every number in the report comes
 from runs made by this script.
@@ -671,6 +671,10 @@ def main(argv=None):
             p.error(f"--arms: {bad or 'empty'} not in {ARMS}")
         if args.seeds < 1 or not args.steps or min(args.steps) < 1:
             p.error("--seeds and --steps must be >= 1")
+        if not args.flip_probs or not all(0.0 <= v <= 1.0 for v in args.flip_probs):
+            p.error(f"--flip-probs {args.flip_probs}: each must lie in [0, 1]")
+        if not 0.0 < args.hard_fraction <= 1.0:
+            p.error(f"--hard-fraction {args.hard_fraction} must lie in (0, 1]")
         cfg = RunConfig(widths=args.widths, steps=args.steps[0], batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, num_factors=args.num_factors,
                         train_samples=args.train_samples, eval_samples=args.eval_samples,

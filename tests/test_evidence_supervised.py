@@ -174,12 +174,17 @@ def test_cli_two_steps_every_arm(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![clean-test metrics" in out.read_text()
 
 
-def test_cli_rejects_an_unknown_arm(tmp_path):
+def test_cli_rejects_bad_arguments_before_running(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--arms", "DET,HETX", "--out", str(tmp_path / "R.md"),
                            "--json", str(tmp_path / "r.json"), "--figure", ""], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "HETX" in proc.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "R.md").exists()
+    for bad, name in ((["--flip-probs", "0.2,1.5"], "--flip-probs"), (["--hard-fraction", "0"], "--hard-fraction")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), *bad, "--out", str(tmp_path / "R.md"),
+                               "--json", str(tmp_path / "r.json"), "--figure", ""], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0 and name in proc.stderr and not (tmp_path / "r.json").exists()
 
 
 def test_training_length_as_a_regime_axis(es, tmp_path):
