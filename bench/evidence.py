@@ -1,4 +1,5 @@
-"""The paper's claims at a scale this machine can run: writes ``docs/RESULTS.md`` (+ JSON).
+"""The contrastive comparison at a scale this machine can run: writes ``docs/RESULTS_contrastive.md``
+(+ JSON, + a PNG figure beside it).
 
     python bench/evidence.py [--seeds 3] [--steps 400] [--noise 0.5] [--noise-easy 0] [--quick]
 
@@ -77,6 +78,41 @@ def reading(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def require_matplotlib(path: str):
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\" "
+                         f"(or pass --figure '' for no figure)") from e
+    return matplotlib
+
+
+def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
+    """Zero-shot top-1 and NLL per task, DET vs HET-XL (mean ± std over seeds) and the fixed-τ runs."""
+    matplotlib = require_matplotlib(path)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n in ("DET", "HET-XL")] + [n for n in results if n not in ("DET", "HET-XL")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / len(names)
+    for ax, m in zip(axes, ("top1", "nll")):
+        for i, name in enumerate(names):
+            vals = [[r[t][m] for r in results[name]] for t in TASKS]
+            mu = [statistics.mean(v) for v in vals]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(TASKS))]
+            ax.bar(xs, mu, width, yerr=sd, capsize=3, label=f"{name} ({len(results[name])} seed(s))")
+        ax.set_xticks(range(len(TASKS)), TASKS)
+        ax.set_title(f"zero-shot {m} (clean held-out)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def params_section() -> str:
     from hetclip.params import SCALES, extra_ratio, head_table
 
@@ -131,7 +167,9 @@ def main(argv=None):
                    help="caption corruption probability for the other (easy) samples")
     p.add_argument("--fixed-temperatures", default="0.03,0.1,0.3")
     p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run, not evidence)")
-    p.add_argument("--out", default="docs/RESULTS.md")
+    p.add_argument("--out", default="docs/RESULTS_contrastive.md")
+    p.add_argument("--figure", default=None,
+                   help="PNG path; default: beside --out with the same stem, .png ('' = no figure)")
     p.add_argument("--json", default="bench/results/evidence.json")
     p.add_argument("--from-json", action="store_true",
                    help="re-write the report from --json without training (the command line stays the one recorded)")
@@ -139,6 +177,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 60
+    figure = os.path.splitext(args.out)[0] + ".png" if args.figure is None else args.figure
+    if figure:
+        require_matplotlib(figure)  # before an hour of training, not after
     if args.from_json:
         with open(args.json) as f:
             saved = json.load(f)
@@ -156,12 +197,15 @@ def main(argv=None):
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "command": cmd, "machine": machine, "results": results}, f, indent=2)
+    if figure:
+        plot(results, figure, f"demo, caption noise {args.noise} (hard) / {args.noise_easy} (easy), "
+                              f"{args.steps} steps; mean ± std over seeds")
     main_keys = [(t, m) for t in TASKS for m in METRICS]
     mc_keys = [(t, f"mc_{m}") for t in TASKS for m in METRICS]
     het_only = {k: v for k, v in results.items() if k.startswith("HET-XL") and "mc_top1" in v[0]["shape"]}
     sweep = {k: v for k, v in results.items() if k.startswith("HET-XL")}
     text = [
-        "# Results at small scale",
+        "# Contrastive DET vs HET-XL at small scale (demo data)",
         "",
         f"Produced by `bench/evidence.py`; raw numbers in `{args.json}`. "
         f"Command: `{cmd}` ({args.seeds} seed(s), {args.steps} steps of the `demo` recipe, "
@@ -180,6 +224,8 @@ def main(argv=None):
         "",
         table(sweep, [(t, "top1") for t in TASKS] + [("shape", "nll"), ("shape", "ece")]),
         "",
+    ] + ([f"![zero-shot top-1 and NLL, DET vs HET-XL]"
+           f"({os.path.relpath(figure, os.path.dirname(os.path.abspath(args.out)))})", ""] if figure else []) + [
         "## Reading these numbers (computed from the table above)",
         "",
         reading(results),

@@ -1,5 +1,8 @@
 """bench/evidence.py's report: re-rendered from saved JSON, with differences judged against the seed spread."""
 import json
+import sys
+
+import pytest
 
 
 def _res(shape, color, nll=2.0):
@@ -18,7 +21,7 @@ def test_report_from_json(bench_script, tmp_path):
     src.write_text(json.dumps({"args": {"seeds": 2, "steps": 7, "noise": 0.5}, "command": "python bench/evidence.py X",
                                "machine": "test box", "interpretation": "hand text", "results": results}))
     out = tmp_path / "R.md"
-    ev.main(["--from-json", "--json", str(src), "--out", str(out)])
+    ev.main(["--from-json", "--json", str(src), "--out", str(out), "--figure", ""])
     text = out.read_text()
     assert "`python bench/evidence.py X`" in text and "Machine: test box" in text and "hand text" in text
     assert "| DET | 0.510 ± 0.014 |" in text
@@ -27,6 +30,27 @@ def test_report_from_json(bench_script, tmp_path):
     assert "top1: HET-XL - DET = -0.005 (worse for HET-XL), within" in text
     assert "nll: HET-XL - DET = -0.450 (better for HET-XL)" in text
     assert "14.45×" in text  # parameter table at JFT-4B scale
+
+
+def test_figure_beside_the_report(bench_script, tmp_path):
+    ev = bench_script("evidence")
+    results = {"DET": [_res(0.50, 0.90), _res(0.52, 0.92)], "HET-XL": [_res(0.70, 0.91, 1.5), _res(0.72, 0.90, 1.6)]}
+    src = tmp_path / "ev.json"
+    src.write_text(json.dumps({"args": {"seeds": 2, "steps": 7, "noise": 0.5}, "command": "x", "results": results}))
+    out = tmp_path / "docs" / "R.md"
+    out.parent.mkdir()
+    pytest.importorskip("matplotlib")  # the optional `plot` extra
+    ev.main(["--from-json", "--json", str(src), "--out", str(out)])
+    assert (tmp_path / "docs" / "R.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![zero-shot top-1 and NLL, DET vs HET-XL](R.png)" in out.read_text()
+
+
+def test_missing_matplotlib_fails_before_training_and_names_the_extra(bench_script, tmp_path, monkeypatch):
+    ev = bench_script("evidence")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(ev, "train_all", lambda args: pytest.fail("trained before checking for matplotlib"))
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[plot\]"'):
+        ev.main(["--out", str(tmp_path / "R.md"), "--json", str(tmp_path / "r.json")])
 
 
 def test_reading_flags_an_unlearned_task(bench_script):
