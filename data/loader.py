@@ -254,12 +254,20 @@ class _Pool:
 
 # ----------------------------------------------------------------------------- the loader
 
-class _Stats:
-    def __init__(self, d: dict | None = None):
+class Ledger:
+    """Counts used and skipped samples, warns about skipped ones and enforces ``max_bad_fraction``.
+
+    Lives in the main process; workers report what they skipped (reason, shard, key, message).
+    """
+
+    def __init__(self, cfg: dict, d: dict | None = None):
         d = d or {}
+        self._cfg = cfg
         self.samples_ok = int(d.get("samples_ok", 0))
         self.skipped: collections.Counter = collections.Counter(d.get("skipped", {}))
         self.batches = int(d.get("batches", 0))
+        self.examples: collections.deque = collections.deque(maxlen=50)
+        self._warned: collections.Counter = collections.Counter()
 
     @property
     def bad_samples(self) -> int:
@@ -267,6 +275,33 @@ class _Stats:
 
     def to_dict(self) -> dict:
         return {"samples_ok": self.samples_ok, "skipped": dict(self.skipped), "batches": self.batches}
+
+    def bad(self, reason: str, url: str, key: str | None, msg: str) -> None:
+        """Count one skipped sample (``key`` given) or shard (``key`` None) and warn (``warn_limit``)."""
+        self.skipped[reason] += 1
+        self.examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
+        self._warned[reason] += 1
+        limit = int(self._cfg["warn_limit"])
+        if self._warned[reason] <= limit:
+            what = f"shard {url}" if key is None else f"sample {key!r} of {url}"
+            more = " (further warnings of this kind suppressed)" if self._warned[reason] == limit else ""
+            warnings.warn(f"skipped {what}: {reason}: {msg}{more}", BadSampleWarning, stacklevel=4)
+
+    def check(self, *, final: bool) -> None:
+        """Raise ``TooManyBadSamples`` when the skipped fraction is over the limit (or nothing was usable)."""
+        bad = self.bad_samples
+        seen = bad + self.samples_ok
+        frac = float(self._cfg["max_bad_fraction"])
+        if bad and (final or seen >= int(self._cfg["bad_check_after"])) and bad > frac * seen:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            ex = self.examples[-1] if self.examples else {}
+            raise TooManyBadSamples(
+                f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
+                f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
+                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
+        if final and self.samples_ok == 0 and self.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
 
 
 class Loader:
@@ -287,9 +322,7 @@ class Loader:
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self._tokenizer, self._drop_last, self._target = tokenizer, drop_last, target_name
         self._closers = list(closers)
-        self._stats = _Stats(stats)
-        self._warned: collections.Counter = collections.Counter()
-        self._examples: collections.deque = collections.deque(maxlen=50)
+        self._stats = Ledger(cfg, stats)
         self._wait = 0.0
         self._read = 0
         self._pool: _Pool | None = None
@@ -411,31 +444,14 @@ class Loader:
             self._stats.samples_ok += 1
             return
         _, reason, url, key, msg = entry
-        self._stats.skipped[reason] += 1
-        self._examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
-        self._warned[reason] += 1
-        limit = int(self._cfg["warn_limit"])
-        if self._warned[reason] <= limit:
-            what = f"shard {url}" if key is None else f"sample {key!r} of {url}"
-            more = " (further warnings of this kind suppressed)" if self._warned[reason] == limit else ""
-            warnings.warn(f"skipped {what}: {reason}: {msg}{more}", BadSampleWarning, stacklevel=3)
+        self._stats.bad(reason, url, key, msg)
 
     def _check_bad(self, *, final: bool) -> None:
-        bad = self._stats.bad_samples
-        seen = bad + self._stats.samples_ok
-        frac = float(self._cfg["max_bad_fraction"])
-        if bad and (final or seen >= int(self._cfg["bad_check_after"])) and bad > frac * seen:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
-            ex = self._examples[-1] if self._examples else {}
+        try:
+            self._stats.check(final=final)
+        except TooManyBadSamples:
             self.close()
-            raise TooManyBadSamples(
-                f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
-                f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
-                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
-        if final and self._stats.samples_ok == 0 and self._stats.skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
-            self.close()
-            raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+            raise
 
     # -- state, stats, shutdown
     def state(self) -> dict:
@@ -449,7 +465,7 @@ class Loader:
     def stats(self) -> dict:
         """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""
         return {**self._stats.to_dict(), "samples_read": self._read, "wait_seconds": self._wait,
-                "bad_examples": list(self._examples)}
+                "bad_examples": list(self._stats.examples)}
 
     def close(self) -> None:
         """Stop the workers and close open shards (idempotent)."""
@@ -479,48 +495,50 @@ class Loader:
 
 # ----------------------------------------------------------------------------- train
 
-def _train_fields(caption_key: str) -> Callable[[str], bool]:
-    keep = set(IMAGE_EXTS) | {ext for ext, _ in caption_fields(caption_key)}
-    return lambda ext: ext in keep
+class _TrainFields:
+    """The members a training sample needs (picklable: it travels to the workers)."""
+
+    def __init__(self, caption_key: str):
+        self.keep = frozenset(IMAGE_EXTS) | {ext for ext, _ in caption_fields(caption_key)}
+
+    def __call__(self, ext: str) -> bool:
+        return ext in self.keep
 
 
-def _train_items(stream: SampleStream, seed: int, process_index: int) -> Iterator:
+def _train_items(stream: SampleStream, seed: int, process_index: int, worker_index: int = 0,
+                 worker_count: int = 1) -> Iterator:
+    """Raw samples -> work items; a sample's augmentation seed hashes (seed, process, [worker], position)."""
+    key = (seed, process_index) if worker_count == 1 else (seed, process_index, worker_index, worker_count)
     for s in stream:
         if isinstance(s, ShardFailure):
             yield s
             continue
         image = next((s[e] for e in IMAGE_EXTS if e in s), None)
         extra = {k: v for k, v in s.items() if not k.startswith("__") and k not in IMAGE_EXTS}
-        yield ("train", s["__key__"], s["__url__"], image, extra,
-               hash_words(seed, process_index, s["__index__"], 7))
+        yield ("train", s["__key__"], s["__url__"], image, extra, hash_words(*key, s["__index__"], 7))
 
 
 def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, process_index: int = 0,
                       process_count: int = 1, num_workers: int = 2, state: dict | None = None,
-                      **overrides: Any) -> Loader:
+                      **overrides: Any) -> Any:
     """Training loader over webdataset shards (``spec`` keys: see ``TRAIN_DEFAULTS``).
 
-    ``batch_size`` is per process. Yields ``{"image": float32 [B, H, W, 3], "text": int32 [B, L]}``.
+    ``batch_size`` is per process. Yields ``{"image": uint8 [B, H, W, 3], "text": int32 [B, L]}``
+    (normalise with ``decode.normalize`` or on the device); see ``hetclip.data.workers``.
     ``loader.num_samples`` is the epoch size over all processes (sizes.json or ``num_samples``; None
     if unknown).
     """
+    from .workers import TrainLoader
+
     cfg = resolve_spec(spec, TRAIN_DEFAULTS, **overrides)
     if not cfg["shards"]:
         raise ShardError("data spec has no `shards`")
     sources = parse_sources(cfg["shards"], cfg["weights"])
-    stream_state, skip, stats = None, 0, None
-    if state is not None:
-        if state.get("version") != LOADER_STATE_VERSION:
-            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
-        stream_state, skip, stats = state["stream"], int(state["skip"]), state.get("stats")
-    stream = SampleStream(sources, seed=seed, process_index=process_index, process_count=process_count,
-                          shuffle_buffer=int(cfg["shuffle_buffer"]), shuffle_shards=bool(cfg["shuffle_shards"]),
-                          epochs=cfg["epochs"], fields=_train_fields(cfg["caption_key"]), state=stream_state)
     wcfg = {"mode": "train", **{k: cfg[k] for k in ("image_size", "caption_key", "crop_scale", "crop_ratio",
                                                        "max_pixels", "background")}}
-    loader = Loader(items=_train_items(stream, seed, process_index), state_fn=stream.state,
-                    cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer,
-                    drop_last=True, stats=stats, skip=skip, closers=[stream.close])
+    loader = TrainLoader(cfg={**cfg, **wcfg}, sources=sources, fields=_TrainFields(cfg["caption_key"]),
+                         tokenizer=tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                         process_count=process_count, num_workers=num_workers, state=state)
     try:
         loader.num_samples = epoch_num_samples(sources, cfg["num_samples"])  # type: ignore[attr-defined]
     except ShardError:
