@@ -222,8 +222,9 @@ def eval_transform_uint8(src: bytes | str | os.PathLike | Image.Image, size: int
     return _crop_resize(img, centre_crop_box(*img.size, size / short), size, background)
 
 
-_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, np.float64))).astype(np.float32)
-_SHIFT = (np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64)).astype(np.float32)
+# float32(x) * NORM_SCALE - NORM_SHIFT == (x / 255 - CLIP_MEAN) / CLIP_STD (host and device use these).
+NORM_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, np.float64))).astype(np.float32)
+NORM_SHIFT = (np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64)).astype(np.float32)
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -238,8 +239,8 @@ def normalize(images: np.ndarray) -> np.ndarray:
     if images.size == 0 or run == 0:
         return images.astype(np.float32)
     reps = run // 3
-    out = np.multiply(images.reshape(-1, run), np.tile(_SCALE, reps), dtype=np.float32, casting="unsafe")
-    out -= np.tile(_SHIFT, reps)
+    out = np.multiply(images.reshape(-1, run), np.tile(NORM_SCALE, reps), dtype=np.float32, casting="unsafe")
+    out -= np.tile(NORM_SHIFT, reps)
     return out.reshape(images.shape)
 
 
