@@ -266,6 +266,41 @@ def test_jpeg_draft_close_to_full_decode():
     assert np.abs(fast - full).mean() < 2.0
 
 
+def _photo_jpeg(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 255 / (h + w)], -1)
+    img = np.clip(smooth + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(decode._simplejpeg is None, reason="simplejpeg is a dependency on Linux x86_64 only")
+def test_simplejpeg_matches_pillow_and_falls_back(monkeypatch):
+    assert decode.jpeg_decoder() == "simplejpeg"
+    for h, w in ((224, 300), (500, 620)):  # full-scale and DCT-downscaled (1/2) decoding
+        data = _photo_jpeg(h, w)
+        fast = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
+        fast.append(decode.eval_transform_uint8(data, 112))
+        with monkeypatch.context() as m:
+            m.setattr(decode, "_simplejpeg", None)
+            assert decode.jpeg_decoder() == "pillow"
+            ref = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
+            ref.append(decode.eval_transform_uint8(data, 112))
+        for a, b in zip(fast, ref):
+            assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 2
+    # simplejpeg refuses a truncated file; Pillow then names the error as before
+    data = _photo_jpeg(224, 300)
+    with pytest.raises(decode.DecodeError) as e:
+        decode.train_transform_uint8(data[: len(data) // 2], 64, random.Random(0))
+    assert e.value.reason == "corrupt_image"
+    # CMYK and grayscale JPEGs go through Pillow
+    buf = io.BytesIO()
+    Image.new("L", (40, 30), 77).save(buf, "JPEG")
+    assert (decode.eval_transform_uint8(buf.getvalue(), 16) == 77).all()
+
+
 def test_random_resized_crop_box_and_determinism():
     rng = random.Random(0)
     for scale in ((0.9, 1.0), (0.08, 1.0)):
