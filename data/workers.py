@@ -257,19 +257,19 @@ def worker_main(argv: list[str]) -> None:
         on_shard = lambda url: slots.set_status(worker, url)  # noqa: E731
         while True:
             try:
-                slot = cmd.recv()
+                slot = pickle.loads(cmd.recv_bytes())
             except (EOFError, OSError):
                 break
             if slot is None:
                 break
             out = producer.fill(slots.images[slot][offset: offset + rows], slots.text[slot][offset: offset + rows],
                                 on_shard)
-            res.send(("ok", slot, out))
+            res.send_bytes(pickle.dumps(("ok", slot, out), protocol=pickle.HIGHEST_PROTOCOL))
             if out["end"]:
                 break
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
         try:
-            res.send(("error", _portable(e), f"{type(e).__name__}: {e}", traceback.format_exc()))
+            res.send_bytes(pickle.dumps(("error", _portable(e), f"{type(e).__name__}: {e}", traceback.format_exc())))
         except OSError:
             pass
     finally:
@@ -358,7 +358,7 @@ class TrainLoader:
                                        "skip": skip if w == 0 else 0, "rows": self._rows[w], "tokenizer": tok})
             for slot in range(n_slots):
                 for c in self._cmd:
-                    c.send(slot)
+                    c.send_bytes(pickle.dumps(slot))
         except BaseException:
             self.close()
             raise
@@ -385,16 +385,11 @@ class TrainLoader:
         return self
 
     def _receive(self, w: int) -> dict:
-        conn, proc = self._res[w], self._procs[w]
-        while True:
-            if conn.poll(1.0):
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    self._died(w)
-                break
-            if proc.poll() is not None:
-                self._died(w)
+        # Blocking: only the worker holds the write end, so its death is an end of file here.
+        try:
+            msg = pickle.loads(self._res[w].recv_bytes())
+        except (EOFError, OSError):
+            self._died(w)
         if msg[0] == "error":
             blob, text, tb = msg[1], msg[2], msg[3]
             self.close()
@@ -456,9 +451,10 @@ class TrainLoader:
             batch = {"image": self._local[0].copy(), "text": self._local[1].copy()}
         else:
             batch = {"image": self._slots.images[slot].copy(), "text": self._slots.text[slot].copy()}
+            order = pickle.dumps(slot)
             for c in self._cmd:
                 try:
-                    c.send(slot)
+                    c.send_bytes(order)
                 except OSError:  # the worker ended (its data ran out, or it died): its messages say which
                     pass
         self._streams = [o["state"] for o in outs]

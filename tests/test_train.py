@@ -198,13 +198,30 @@ def test_train_resume_and_config_guard(tokenizer_dir, tmp_path):
         train_lib.train(changed, resumed, progress=False)
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path):
+def test_guard_keeps_the_first_non_finite_step():
+    def fake_step(state, batch, key):
+        return {"step": state["step"] + 1}, {"loss": batch[0], "grad_norm": batch[1], "param_norm": jnp.float32(2)}
+
+    step = jax.jit(train_lib.guarded(fake_step), donate_argnums=(0, 1))
+    state, guard = {"step": jnp.asarray(0, jnp.int32)}, train_lib.new_guard()
+    for row in ((1.0, 1.0), (2.0, 1.0), (3.0, np.inf), (np.nan, 1.0), (4.0, 1.0)):
+        train_lib._check_guard(jax.device_get(guard)) if int(state["step"]) < 2 else None
+        state, guard, _ = step(state, guard, jnp.asarray(row, jnp.float32), jax.random.key(0))
+    g = jax.device_get(guard)
+    assert int(g["step"]) == 3
+    with pytest.raises(train_lib.TrainingError, match=r"non-finite grad_norm \(inf\) at step 3;"):
+        train_lib._check_guard(g)
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path, log_every):
     cfg = tiny_config(tokenizer_dir, steps=8)
     work = str(tmp_path / "w")
     train_lib.train(cfg, work, progress=False, max_steps=2)
     ckpt_dir = os.path.join(work, "checkpoints", "2")
     before = sorted(os.listdir(ckpt_dir))
-    bad = config_lib.apply_overrides(cfg, ["optim.lr=1e30"])
+    # with log_every=4 the metrics are first read at step 4 (a checkpoint step): the guard still names step 3
+    bad = config_lib.apply_overrides(cfg, ["optim.lr=1e30", f"log_every={log_every}"])
     with pytest.raises(train_lib.TrainingError, match=r"non-finite .* at step 3"):
         train_lib.train(bad, work, progress=False, allow_config_change=True)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]
