@@ -1,19 +1,20 @@
-"""Batches for training and evaluation: worker processes, bounded prefetch, exact resume.
+"""Batches for training and evaluation: spec handling, per-sample decoding, bad-input accounting.
 
-The main process reads the shards (``SampleStream``: deterministic, resumable) and tokenizes;
-``num_workers`` processes (multiprocessing, ``spawn`` by default: safe beside JAX threads) decode and
-augment chunks of samples; results are re-ordered, so batches do not depend on the number of workers.
-Augmentation randomness of a sample is ``hash(seed, process, position in the stream)``.
+Training: ``make_train_loader`` builds a ``hetclip.data.workers.TrainLoader``: worker processes own
+the per-sample work (shard reading, shuffle buffer, decode, augment, tokenise) and fill uint8
+batches in shared memory; batches depend on the number of workers; ``state()`` resumes exactly.
+A sample's augmentation randomness is ``hash(seed, process, [worker], position in its stream)``.
 
-``loader.state()`` after a batch is a small JSON-serialisable dict: the stream position at the start
-of the chunk holding the batch's last sample, the number of samples of that chunk already used, and
-the skip counters. ``make_train_loader(..., state=s)`` continues with the identical next batch (see
-``hetclip.data.shards`` for the restore cost: re-reading, not decoding, at most a few shards).
+Evaluation: ``make_eval_loader`` builds a ``Loader``: the main process reads the files or shards in
+a fixed order; ``num_workers`` processes (multiprocessing, ``spawn``) decode chunks of samples;
+results are re-ordered, so batches do not depend on the number of workers. Evaluation loaders are
+read once (no ``state()``).
 
 Bad input: a sample without image or caption, with an empty caption, an undecodable image, an
 image over the pixel limit or in an unconvertible mode is skipped; so is the rest of a truncated or
 unreadable shard. Each is counted by reason, named in a ``BadSampleWarning`` (shard URL and key; the
-first ``warn_limit`` of each reason) and listed in ``stats()``. More than ``max_bad_fraction`` of
+first ``warn_limit`` of each reason) and listed in ``stats()`` (``Ledger``, in the main process; the
+training workers report what they skipped with every sub-batch). More than ``max_bad_fraction`` of
 skipped samples (checked once ``bad_check_after`` samples were seen, and at the end of the data)
 raises ``TooManyBadSamples``.
 """
@@ -55,9 +56,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_bad_fraction": 0.01,
     "bad_check_after": 1000,
     "epochs": None,             # None: repeat forever
-    "chunk_size": 16,           # samples per worker task
-    "prefetch": 2,              # batches decoded ahead
-    "start_method": "spawn",
+    "chunk_size": 16,           # (evaluation loader only; accepted for old configs)
+    "prefetch": 2,              # batches decoded ahead (shared-memory slots)
+    "start_method": "spawn",    # (evaluation loader only; accepted for old configs)
     "warn_limit": 20,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
