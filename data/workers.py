@@ -22,7 +22,8 @@ Processes: workers are plain ``python`` subprocesses (no ``multiprocessing``, he
 tracker). The shared memory is an anonymous ``memfd`` (Linux; an unlinked temporary file elsewhere)
 passed by descriptor, so nothing is left in ``/dev/shm`` whatever happens. A worker exits when its
 parent dies (``PR_SET_PDEATHSIG`` on Linux, and a parent-pid watchdog everywhere) or when its command
-pipe closes. A worker that dies ends iteration with ``DataWorkerError`` naming the worker and the
+pipe closes; it ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process group, and the parent
+decides when to stop). A worker that dies ends iteration with ``DataWorkerError`` naming the worker and the
 shard it was reading (each worker keeps the URL of its open shard in a small status record in the
 shared memory). Errors raised inside a worker (e.g. ``ShardError``) are re-raised in the main process.
 
@@ -235,6 +236,10 @@ def _portable(exc: BaseException) -> bytes | None:
 def worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: ``SHM_FD CMD_FD RESULT_FD PARENT_PID WORKER``."""
     shm_fd, cmd_fd, res_fd, parent_pid, worker = (int(a) for a in argv)
+    # Ctrl-C and a TERM sent to the process group are for the parent (it saves a checkpoint and then
+    # closes the loader); workers end with their command pipe or their parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     cmd, res = Connection(cmd_fd, writable=False), Connection(res_fd, readable=False)
     try:

@@ -446,6 +446,18 @@ def test_a_killed_worker_ends_iteration_naming_worker_and_shard(shard_set):
         next(loader)
 
 
+def test_workers_leave_sigint_and_sigterm_to_the_parent(shard_set):
+    with make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0,
+                           num_workers=1) as loader:
+        next(loader)
+        pid = loader.worker_pids[0]
+        os.kill(pid, signal.SIGINT)  # what a Ctrl-C in the terminal sends to the whole process group
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(12):  # 48 samples: beyond what was decoded ahead before the signals
+            next(loader)
+        assert _alive(pid)
+
+
 PARENT_CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {test_dir!r})
