@@ -306,7 +306,7 @@ def _parse_state(state: dict | None, workers: int, requested: int) -> tuple[list
             f"the loader state was saved with {saved} data worker(s) per process, this run uses {workers} "
             f"(data.num_workers={requested}): batches depend on the worker count, so it cannot resume exactly; "
             f"set data.num_workers={saved} to resume")
-    return list(state["streams"]), 0, state.get("stats")
+    return list(state["streams"]), int(state.get("skip", 0)), state.get("stats")
 
 
 class TrainLoader:
@@ -339,6 +339,7 @@ class TrainLoader:
         streams, skip, stats = _parse_state(state, workers, num_workers)
         self._ledger = Ledger(cfg, stats)
         self._streams: list = list(streams)
+        self._skip = skip  # items worker 0 still skips (a restored single-stream state), until a batch
         self._rows = split_rows(batch_size, workers)
         self._wait, self._read, self._k, self._ended = 0.0, 0, 0, False
         context = int(tokenizer.context_length)
@@ -463,6 +464,7 @@ class TrainLoader:
                 except OSError:  # the worker ended (its data ran out, or it died): its messages say which
                     pass
         self._streams = [o["state"] for o in outs]
+        self._skip = 0
         self._ledger.batches += 1
         self._k += 1
         return batch
@@ -471,7 +473,7 @@ class TrainLoader:
     def state(self) -> dict:
         """Position after the last returned batch (JSON-serialisable); pass as ``state=`` to resume."""
         return {"version": STATE_VERSION, "workers": self.num_workers, "streams": list(self._streams),
-                "stats": self._ledger.to_dict()}
+                "skip": self._skip, "stats": self._ledger.to_dict()}
 
     def stats(self) -> dict:
         """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""

@@ -394,6 +394,8 @@ def test_resume_from_a_single_stream_state(shard_set):
     v1 = {"version": 1, "stream": stream.state(), "skip": 3, "stats": {}}
     stream.close()
     with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=v1) as loader:
+        unmoved = loader.state()  # saved again before any batch: still the same position
+    with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=unmoved) as loader:
         rest = [next(loader) for _ in range(3)]
     for x, y in zip(rest, straight[3:]):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
