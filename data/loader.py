@@ -39,7 +39,7 @@ from . import decode
 from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, \
     expand_pattern, hash_words, iter_shard, parse_sources, ShardReadError
 
-LOADER_STATE_VERSION = 1
+LOADER_STATE_VERSION = 1  # the single-stream state format (``workers.TrainLoader`` still reads it)
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "shards": None,             # pattern(s), see hetclip.data.shards
@@ -306,41 +306,33 @@ class Ledger:
 
 
 class Loader:
-    """Iterator of numpy batches with ``state()``, ``stats()`` and ``close()`` (also a context manager).
-
-    Built by ``make_train_loader`` / ``make_eval_loader``; see the module docstring.
+    """Evaluation batches ``{"image": float32, "label": int32}`` in item order, with ``stats()`` and
+    ``close()`` (also a context manager); the last batch may be smaller. Built by ``make_eval_loader``.
     """
 
-    def __init__(self, *, items: Iterator, state_fn: Callable[[], Any] | None, cfg: dict,
-                 batch_size: int, num_workers: int, tokenizer: Any = None, drop_last: bool = True,
-                 target_name: str = "text", stats: dict | None = None, skip: int = 0,
+    def __init__(self, *, items: Iterator, cfg: dict, batch_size: int, num_workers: int,
                  closers: Sequence[Callable[[], None]] = ()):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self._items, self._state_fn, self._cfg = items, state_fn, cfg
+        self._items, self._cfg = items, cfg
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self._tokenizer, self._drop_last, self._target = tokenizer, drop_last, target_name
         self._closers = list(closers)
-        self._stats = Ledger(cfg, stats)
+        self._stats = Ledger(cfg)
         self._wait = 0.0
         self._read = 0
         self._pool: _Pool | None = None
         self._closed = False
         self._exhausted = False
         self._next_job = 0
-        self._inflight: collections.deque = collections.deque()  # (job_id, snapshot, meta, items|None)
+        self._inflight: collections.deque = collections.deque()  # (job_id, meta, items|None)
         self._pending: collections.deque = collections.deque()   # decoded entries, in stream order
         self._pending_ok = 0
-        self._position: tuple[Any, int] | None = (state_fn(), skip) if state_fn else None
         chunk = max(1, min(int(cfg["chunk_size"]), self.batch_size))
         self._chunk = chunk
         self._max_inflight = max(2 * max(num_workers, 1),
                                  int(cfg["prefetch"]) * math.ceil(self.batch_size / chunk))
-        if skip:
-            for _ in range(skip):
-                next(self._items)
         if num_workers > 0:
             self._pool = _Pool(num_workers, cfg, cfg["start_method"])
 
@@ -349,7 +341,6 @@ class Loader:
         return self
 
     def _read_chunk(self) -> bool:
-        snapshot = self._state_fn() if self._state_fn else None
         items, meta = [], []
         while len(items) < self._chunk:
             try:
@@ -371,9 +362,9 @@ class Loader:
         work = [it for it in items if it is not None]
         if self._pool is not None and work:
             self._pool.submit(job, work)
-            self._inflight.append((job, snapshot, meta, None))
+            self._inflight.append((job, meta, None))
         else:
-            self._inflight.append((job, snapshot, meta, work))
+            self._inflight.append((job, meta, work))
         return True
 
     def _fill(self) -> None:
@@ -382,7 +373,7 @@ class Loader:
                 break
 
     def _collect(self) -> None:
-        job, snapshot, meta, work = self._inflight.popleft()
+        job, meta, work = self._inflight.popleft()
         t0 = time.perf_counter()
         if work is None:
             results = self._pool.get(job)  # type: ignore[union-attr]
@@ -390,7 +381,7 @@ class Loader:
             results = [_process(self._cfg, it) for it in work]
         self._wait += time.perf_counter() - t0
         res = iter(results)
-        for idx, m in enumerate(meta):
+        for m in meta:
             if m[0] == "fail":
                 f = m[1]
                 entry = ("bad", f.reason, f.url, None, f.detail)
@@ -401,7 +392,7 @@ class Loader:
                     self._pending_ok += 1
                 else:
                     entry = ("bad", r[1], m[2], m[1], r[2])
-            self._pending.append((entry, snapshot, idx + 1))
+            self._pending.append(entry)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
@@ -411,7 +402,7 @@ class Loader:
             if not self._inflight:
                 break
             self._collect()
-        if self._pending_ok == 0 or (self._drop_last and self._pending_ok < self.batch_size):
+        if self._pending_ok == 0:
             while self._pending:  # account for trailing bad samples
                 self._commit(self._pending.popleft())
             self._check_bad(final=True)
@@ -420,27 +411,15 @@ class Loader:
         while len(images) < self.batch_size and self._pending_ok:
             entry = self._pending.popleft()
             self._commit(entry)
-            if entry[0][0] == "ok":
+            if entry[0] == "ok":
                 self._pending_ok -= 1
-                images.append(entry[0][1])
-                targets.append(entry[0][2])
+                images.append(entry[1])
+                targets.append(entry[2])
         self._check_bad(final=False)
         self._stats.batches += 1
-        batch = {"image": decode.normalize(np.stack(images))}
-        if self._tokenizer is not None:
-            tokens = np.asarray(self._tokenizer(targets))
-            if tokens.ndim != 2 or tokens.shape[0] != len(targets):
-                raise ValueError(f"tokenizer returned shape {tokens.shape} for {len(targets)} captions; "
-                                 "expected [batch, context_length]")
-            batch["text"] = tokens.astype(np.int32, copy=False)
-        else:
-            batch[self._target] = np.asarray(targets, np.int32)
-        return batch
+        return {"image": decode.normalize(np.stack(images)), "label": np.asarray(targets, np.int32)}
 
-    def _commit(self, pending: tuple) -> None:
-        entry, snapshot, skip = pending
-        if snapshot is not None:
-            self._position = (snapshot, skip)
+    def _commit(self, entry: tuple) -> None:
         if entry[0] == "ok":
             self._stats.samples_ok += 1
             return
@@ -454,15 +433,7 @@ class Loader:
             self.close()
             raise
 
-    # -- state, stats, shutdown
-    def state(self) -> dict:
-        """Position after the last returned batch (JSON-serialisable); pass as ``state=`` to resume."""
-        if self._position is None:
-            raise RuntimeError("this loader is not resumable (evaluation loaders are read once)")
-        snapshot, skip = self._position
-        return {"version": LOADER_STATE_VERSION, "stream": snapshot, "skip": skip,
-                "stats": self._stats.to_dict()}
-
+    # -- stats, shutdown
     def stats(self) -> dict:
         """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""
         return {**self._stats.to_dict(), "samples_read": self._read, "wait_seconds": self._wait,
@@ -628,8 +599,7 @@ def make_eval_loader(spec: Any, *, batch_size: int, process_index: int = 0, proc
     items = _eval_labels_checked(items)
     wcfg = {"mode": "eval", "image_size": cfg["image_size"], "max_pixels": cfg["max_pixels"],
             "background": cfg["background"]}
-    loader = Loader(items=items, state_fn=None, cfg={**cfg, **wcfg}, batch_size=batch_size,
-                    num_workers=num_workers, drop_last=False, target_name="label",
+    loader = Loader(items=items, cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers,
                     closers=[getattr(items, "close", lambda: None)])
     loader.classnames = classnames  # type: ignore[attr-defined]
     return loader
