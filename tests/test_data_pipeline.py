@@ -383,6 +383,18 @@ def test_exact_resume_in_a_new_process(tmp_path, shard_set):
         make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=state)
 
 
+def test_more_workers_than_shards_uses_one_worker_per_shard(shard_set, caplog):
+    spec = {**SPEC, "shards": shard_set, "epochs": 1}
+    with caplog.at_level("WARNING", logger="hetclip.data"):
+        with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=0, process_index=1, process_count=2,
+                               num_workers=3) as loader:  # process 1 of 2 reads 2 of the 4 shards
+            assert loader.num_workers == 2 and len(loader.worker_pids) == 2
+            batches = list(loader)
+            state = loader.state()
+    assert "data.num_workers=3 but process 1 has 2 shard visit(s)" in caplog.text
+    assert len(batches) == 4 and state["workers"] == 2  # 2 x 8 samples, 2 rows per worker and batch
+
+
 def test_resume_from_a_single_stream_state(shard_set):
     """A state of the single-stream format (stream position at a chunk start + samples to skip)."""
     spec = {**SPEC, "shards": shard_set, "shuffle_buffer": 10}
