@@ -27,6 +27,11 @@ decides when to stop). A worker that dies ends iteration with ``DataWorkerError`
 shard it was reading (each worker keeps the URL of its open shard in a small status record in the
 shared memory). Errors raised inside a worker (e.g. ``ShardError``) are re-raised in the main process.
 
+Why not grain (0.2.18): it has no webdataset-tar or ``pipe:`` source (a custom ``IterDataset``
+around ``SampleStream`` would be needed anyway), its mixtures sample per element rather than
+upsample shard visits, its worker processes come from ``multiprocessing`` (a resource tracker and
+workers that outlive a killed parent), and it moves elements one by one rather than sub-batches.
+
 Memory: ``prefetch`` slots of ``B * (H * W * 3 + 4 L)`` bytes per process (3 slots of a 1,024-image
 224-px batch: 0.46 GB).
 """
