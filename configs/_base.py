@@ -54,7 +54,7 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
         crop_scale=(0.9, 1.0),
         shuffle_buffer=10_000,
         max_bad_fraction=0.01,
-        num_workers=2,
+        num_workers=2,  # data worker processes per host; batches depend on it (a resume needs the same count)
         epochs=1000,
         synthetic=False,
         tokenizer=dict(kind="hf", path="", context_length=77, lower_case=True),

@@ -1,19 +1,20 @@
-"""Batches for training and evaluation: worker processes, bounded prefetch, exact resume.
+"""Batches for training and evaluation: spec handling, per-sample decoding, bad-input accounting.
 
-The main process reads the shards (``SampleStream``: deterministic, resumable) and tokenizes;
-``num_workers`` processes (multiprocessing, ``spawn`` by default: safe beside JAX threads) decode and
-augment chunks of samples; results are re-ordered, so batches do not depend on the number of workers.
-Augmentation randomness of a sample is ``hash(seed, process, position in the stream)``.
+Training: ``make_train_loader`` builds a ``hetclip.data.workers.TrainLoader``: worker processes own
+the per-sample work (shard reading, shuffle buffer, decode, augment, tokenise) and fill uint8
+batches in shared memory; batches depend on the number of workers; ``state()`` resumes exactly.
+A sample's augmentation randomness is ``hash(seed, process, [worker], position in its stream)``.
 
-``loader.state()`` after a batch is a small JSON-serialisable dict: the stream position at the start
-of the chunk holding the batch's last sample, the number of samples of that chunk already used, and
-the skip counters. ``make_train_loader(..., state=s)`` continues with the identical next batch (see
-``hetclip.data.shards`` for the restore cost: re-reading, not decoding, at most a few shards).
+Evaluation: ``make_eval_loader`` builds a ``Loader``: the main process reads the files or shards in
+a fixed order; ``num_workers`` processes (multiprocessing, ``spawn``) decode chunks of samples;
+results are re-ordered, so batches do not depend on the number of workers. Evaluation loaders are
+read once (no ``state()``).
 
 Bad input: a sample without image or caption, with an empty caption, an undecodable image, an
 image over the pixel limit or in an unconvertible mode is skipped; so is the rest of a truncated or
 unreadable shard. Each is counted by reason, named in a ``BadSampleWarning`` (shard URL and key; the
-first ``warn_limit`` of each reason) and listed in ``stats()``. More than ``max_bad_fraction`` of
+first ``warn_limit`` of each reason) and listed in ``stats()`` (``Ledger``, in the main process; the
+training workers report what they skipped with every sub-batch). More than ``max_bad_fraction`` of
 skipped samples (checked once ``bad_check_after`` samples were seen, and at the end of the data)
 raises ``TooManyBadSamples``.
 """
@@ -38,7 +39,7 @@ from . import decode
 from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, \
     expand_pattern, hash_words, iter_shard, parse_sources, ShardReadError
 
-LOADER_STATE_VERSION = 1
+LOADER_STATE_VERSION = 1  # the single-stream state format (``workers.TrainLoader`` still reads it)
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "shards": None,             # pattern(s), see hetclip.data.shards
@@ -55,9 +56,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_bad_fraction": 0.01,
     "bad_check_after": 1000,
     "epochs": None,             # None: repeat forever
-    "chunk_size": 16,           # samples per worker task
-    "prefetch": 2,              # batches decoded ahead
-    "start_method": "spawn",
+    "chunk_size": 16,           # (evaluation loader only; accepted for old configs)
+    "prefetch": 2,              # batches decoded ahead (shared-memory slots)
+    "start_method": "spawn",    # (evaluation loader only; accepted for old configs)
     "warn_limit": 20,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -254,12 +255,20 @@ class _Pool:
 
 # ----------------------------------------------------------------------------- the loader
 
-class _Stats:
-    def __init__(self, d: dict | None = None):
+class Ledger:
+    """Counts used and skipped samples, warns about skipped ones and enforces ``max_bad_fraction``.
+
+    Lives in the main process; workers report what they skipped (reason, shard, key, message).
+    """
+
+    def __init__(self, cfg: dict, d: dict | None = None):
         d = d or {}
+        self._cfg = cfg
         self.samples_ok = int(d.get("samples_ok", 0))
         self.skipped: collections.Counter = collections.Counter(d.get("skipped", {}))
         self.batches = int(d.get("batches", 0))
+        self.examples: collections.deque = collections.deque(maxlen=50)
+        self._warned: collections.Counter = collections.Counter()
 
     @property
     def bad_samples(self) -> int:
@@ -268,45 +277,62 @@ class _Stats:
     def to_dict(self) -> dict:
         return {"samples_ok": self.samples_ok, "skipped": dict(self.skipped), "batches": self.batches}
 
+    def bad(self, reason: str, url: str, key: str | None, msg: str) -> None:
+        """Count one skipped sample (``key`` given) or shard (``key`` None) and warn (``warn_limit``)."""
+        self.skipped[reason] += 1
+        self.examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
+        self._warned[reason] += 1
+        limit = int(self._cfg["warn_limit"])
+        if self._warned[reason] <= limit:
+            what = f"shard {url}" if key is None else f"sample {key!r} of {url}"
+            more = " (further warnings of this kind suppressed)" if self._warned[reason] == limit else ""
+            warnings.warn(f"skipped {what}: {reason}: {msg}{more}", BadSampleWarning, stacklevel=4)
+
+    def check(self, *, final: bool) -> None:
+        """Raise ``TooManyBadSamples`` when the skipped fraction is over the limit (or nothing was usable)."""
+        bad = self.bad_samples
+        seen = bad + self.samples_ok
+        frac = float(self._cfg["max_bad_fraction"])
+        if bad and (final or seen >= int(self._cfg["bad_check_after"])) and bad > frac * seen:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            ex = self.examples[-1] if self.examples else {}
+            raise TooManyBadSamples(
+                f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
+                f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
+                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
+        if final and self.samples_ok == 0 and self.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+
 
 class Loader:
-    """Iterator of numpy batches with ``state()``, ``stats()`` and ``close()`` (also a context manager).
-
-    Built by ``make_train_loader`` / ``make_eval_loader``; see the module docstring.
+    """Evaluation batches ``{"image": float32, "label": int32}`` in item order, with ``stats()`` and
+    ``close()`` (also a context manager); the last batch may be smaller. Built by ``make_eval_loader``.
     """
 
-    def __init__(self, *, items: Iterator, state_fn: Callable[[], Any] | None, cfg: dict,
-                 batch_size: int, num_workers: int, tokenizer: Any = None, drop_last: bool = True,
-                 target_name: str = "text", stats: dict | None = None, skip: int = 0,
+    def __init__(self, *, items: Iterator, cfg: dict, batch_size: int, num_workers: int,
                  closers: Sequence[Callable[[], None]] = ()):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self._items, self._state_fn, self._cfg = items, state_fn, cfg
+        self._items, self._cfg = items, cfg
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self._tokenizer, self._drop_last, self._target = tokenizer, drop_last, target_name
         self._closers = list(closers)
-        self._stats = _Stats(stats)
-        self._warned: collections.Counter = collections.Counter()
-        self._examples: collections.deque = collections.deque(maxlen=50)
+        self._stats = Ledger(cfg)
         self._wait = 0.0
         self._read = 0
         self._pool: _Pool | None = None
         self._closed = False
         self._exhausted = False
         self._next_job = 0
-        self._inflight: collections.deque = collections.deque()  # (job_id, snapshot, meta, items|None)
+        self._inflight: collections.deque = collections.deque()  # (job_id, meta, items|None)
         self._pending: collections.deque = collections.deque()   # decoded entries, in stream order
         self._pending_ok = 0
-        self._position: tuple[Any, int] | None = (state_fn(), skip) if state_fn else None
         chunk = max(1, min(int(cfg["chunk_size"]), self.batch_size))
         self._chunk = chunk
         self._max_inflight = max(2 * max(num_workers, 1),
                                  int(cfg["prefetch"]) * math.ceil(self.batch_size / chunk))
-        if skip:
-            for _ in range(skip):
-                next(self._items)
         if num_workers > 0:
             self._pool = _Pool(num_workers, cfg, cfg["start_method"])
 
@@ -315,7 +341,6 @@ class Loader:
         return self
 
     def _read_chunk(self) -> bool:
-        snapshot = self._state_fn() if self._state_fn else None
         items, meta = [], []
         while len(items) < self._chunk:
             try:
@@ -337,9 +362,9 @@ class Loader:
         work = [it for it in items if it is not None]
         if self._pool is not None and work:
             self._pool.submit(job, work)
-            self._inflight.append((job, snapshot, meta, None))
+            self._inflight.append((job, meta, None))
         else:
-            self._inflight.append((job, snapshot, meta, work))
+            self._inflight.append((job, meta, work))
         return True
 
     def _fill(self) -> None:
@@ -348,7 +373,7 @@ class Loader:
                 break
 
     def _collect(self) -> None:
-        job, snapshot, meta, work = self._inflight.popleft()
+        job, meta, work = self._inflight.popleft()
         t0 = time.perf_counter()
         if work is None:
             results = self._pool.get(job)  # type: ignore[union-attr]
@@ -356,7 +381,7 @@ class Loader:
             results = [_process(self._cfg, it) for it in work]
         self._wait += time.perf_counter() - t0
         res = iter(results)
-        for idx, m in enumerate(meta):
+        for m in meta:
             if m[0] == "fail":
                 f = m[1]
                 entry = ("bad", f.reason, f.url, None, f.detail)
@@ -367,7 +392,7 @@ class Loader:
                     self._pending_ok += 1
                 else:
                     entry = ("bad", r[1], m[2], m[1], r[2])
-            self._pending.append((entry, snapshot, idx + 1))
+            self._pending.append(entry)
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
@@ -377,7 +402,7 @@ class Loader:
             if not self._inflight:
                 break
             self._collect()
-        if self._pending_ok == 0 or (self._drop_last and self._pending_ok < self.batch_size):
+        if self._pending_ok == 0:
             while self._pending:  # account for trailing bad samples
                 self._commit(self._pending.popleft())
             self._check_bad(final=True)
@@ -386,70 +411,33 @@ class Loader:
         while len(images) < self.batch_size and self._pending_ok:
             entry = self._pending.popleft()
             self._commit(entry)
-            if entry[0][0] == "ok":
+            if entry[0] == "ok":
                 self._pending_ok -= 1
-                images.append(entry[0][1])
-                targets.append(entry[0][2])
+                images.append(entry[1])
+                targets.append(entry[2])
         self._check_bad(final=False)
         self._stats.batches += 1
-        batch = {"image": decode.normalize(np.stack(images))}
-        if self._tokenizer is not None:
-            tokens = np.asarray(self._tokenizer(targets))
-            if tokens.ndim != 2 or tokens.shape[0] != len(targets):
-                raise ValueError(f"tokenizer returned shape {tokens.shape} for {len(targets)} captions; "
-                                 "expected [batch, context_length]")
-            batch["text"] = tokens.astype(np.int32, copy=False)
-        else:
-            batch[self._target] = np.asarray(targets, np.int32)
-        return batch
+        return {"image": decode.normalize(np.stack(images)), "label": np.asarray(targets, np.int32)}
 
-    def _commit(self, pending: tuple) -> None:
-        entry, snapshot, skip = pending
-        if snapshot is not None:
-            self._position = (snapshot, skip)
+    def _commit(self, entry: tuple) -> None:
         if entry[0] == "ok":
             self._stats.samples_ok += 1
             return
         _, reason, url, key, msg = entry
-        self._stats.skipped[reason] += 1
-        self._examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
-        self._warned[reason] += 1
-        limit = int(self._cfg["warn_limit"])
-        if self._warned[reason] <= limit:
-            what = f"shard {url}" if key is None else f"sample {key!r} of {url}"
-            more = " (further warnings of this kind suppressed)" if self._warned[reason] == limit else ""
-            warnings.warn(f"skipped {what}: {reason}: {msg}{more}", BadSampleWarning, stacklevel=3)
+        self._stats.bad(reason, url, key, msg)
 
     def _check_bad(self, *, final: bool) -> None:
-        bad = self._stats.bad_samples
-        seen = bad + self._stats.samples_ok
-        frac = float(self._cfg["max_bad_fraction"])
-        if bad and (final or seen >= int(self._cfg["bad_check_after"])) and bad > frac * seen:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
-            ex = self._examples[-1] if self._examples else {}
+        try:
+            self._stats.check(final=final)
+        except TooManyBadSamples:
             self.close()
-            raise TooManyBadSamples(
-                f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
-                f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
-                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
-        if final and self._stats.samples_ok == 0 and self._stats.skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._stats.skipped.items()))
-            self.close()
-            raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+            raise
 
-    # -- state, stats, shutdown
-    def state(self) -> dict:
-        """Position after the last returned batch (JSON-serialisable); pass as ``state=`` to resume."""
-        if self._position is None:
-            raise RuntimeError("this loader is not resumable (evaluation loaders are read once)")
-        snapshot, skip = self._position
-        return {"version": LOADER_STATE_VERSION, "stream": snapshot, "skip": skip,
-                "stats": self._stats.to_dict()}
-
+    # -- stats, shutdown
     def stats(self) -> dict:
         """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""
         return {**self._stats.to_dict(), "samples_read": self._read, "wait_seconds": self._wait,
-                "bad_examples": list(self._examples)}
+                "bad_examples": list(self._stats.examples)}
 
     def close(self) -> None:
         """Stop the workers and close open shards (idempotent)."""
@@ -479,48 +467,50 @@ class Loader:
 
 # ----------------------------------------------------------------------------- train
 
-def _train_fields(caption_key: str) -> Callable[[str], bool]:
-    keep = set(IMAGE_EXTS) | {ext for ext, _ in caption_fields(caption_key)}
-    return lambda ext: ext in keep
+class _TrainFields:
+    """The members a training sample needs (picklable: it travels to the workers)."""
+
+    def __init__(self, caption_key: str):
+        self.keep = frozenset(IMAGE_EXTS) | {ext for ext, _ in caption_fields(caption_key)}
+
+    def __call__(self, ext: str) -> bool:
+        return ext in self.keep
 
 
-def _train_items(stream: SampleStream, seed: int, process_index: int) -> Iterator:
+def _train_items(stream: SampleStream, seed: int, process_index: int, worker_index: int = 0,
+                 worker_count: int = 1) -> Iterator:
+    """Raw samples -> work items; a sample's augmentation seed hashes (seed, process, [worker], position)."""
+    key = (seed, process_index) if worker_count == 1 else (seed, process_index, worker_index, worker_count)
     for s in stream:
         if isinstance(s, ShardFailure):
             yield s
             continue
         image = next((s[e] for e in IMAGE_EXTS if e in s), None)
         extra = {k: v for k, v in s.items() if not k.startswith("__") and k not in IMAGE_EXTS}
-        yield ("train", s["__key__"], s["__url__"], image, extra,
-               hash_words(seed, process_index, s["__index__"], 7))
+        yield ("train", s["__key__"], s["__url__"], image, extra, hash_words(*key, s["__index__"], 7))
 
 
 def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, process_index: int = 0,
                       process_count: int = 1, num_workers: int = 2, state: dict | None = None,
-                      **overrides: Any) -> Loader:
+                      **overrides: Any) -> Any:
     """Training loader over webdataset shards (``spec`` keys: see ``TRAIN_DEFAULTS``).
 
-    ``batch_size`` is per process. Yields ``{"image": float32 [B, H, W, 3], "text": int32 [B, L]}``.
+    ``batch_size`` is per process. Yields ``{"image": uint8 [B, H, W, 3], "text": int32 [B, L]}``
+    (normalise with ``decode.normalize`` or on the device); see ``hetclip.data.workers``.
     ``loader.num_samples`` is the epoch size over all processes (sizes.json or ``num_samples``; None
     if unknown).
     """
+    from .workers import TrainLoader
+
     cfg = resolve_spec(spec, TRAIN_DEFAULTS, **overrides)
     if not cfg["shards"]:
         raise ShardError("data spec has no `shards`")
     sources = parse_sources(cfg["shards"], cfg["weights"])
-    stream_state, skip, stats = None, 0, None
-    if state is not None:
-        if state.get("version") != LOADER_STATE_VERSION:
-            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
-        stream_state, skip, stats = state["stream"], int(state["skip"]), state.get("stats")
-    stream = SampleStream(sources, seed=seed, process_index=process_index, process_count=process_count,
-                          shuffle_buffer=int(cfg["shuffle_buffer"]), shuffle_shards=bool(cfg["shuffle_shards"]),
-                          epochs=cfg["epochs"], fields=_train_fields(cfg["caption_key"]), state=stream_state)
     wcfg = {"mode": "train", **{k: cfg[k] for k in ("image_size", "caption_key", "crop_scale", "crop_ratio",
                                                        "max_pixels", "background")}}
-    loader = Loader(items=_train_items(stream, seed, process_index), state_fn=stream.state,
-                    cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers, tokenizer=tokenizer,
-                    drop_last=True, stats=stats, skip=skip, closers=[stream.close])
+    loader = TrainLoader(cfg={**cfg, **wcfg}, sources=sources, fields=_TrainFields(cfg["caption_key"]),
+                         tokenizer=tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
+                         process_count=process_count, num_workers=num_workers, state=state)
     try:
         loader.num_samples = epoch_num_samples(sources, cfg["num_samples"])  # type: ignore[attr-defined]
     except ShardError:
@@ -609,8 +599,7 @@ def make_eval_loader(spec: Any, *, batch_size: int, process_index: int = 0, proc
     items = _eval_labels_checked(items)
     wcfg = {"mode": "eval", "image_size": cfg["image_size"], "max_pixels": cfg["max_pixels"],
             "background": cfg["background"]}
-    loader = Loader(items=items, state_fn=None, cfg={**cfg, **wcfg}, batch_size=batch_size,
-                    num_workers=num_workers, drop_last=False, target_name="label",
+    loader = Loader(items=items, cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers,
                     closers=[getattr(items, "close", lambda: None)])
     loader.classnames = classnames  # type: ignore[attr-defined]
     return loader

@@ -341,14 +341,22 @@ class SampleStream:
     Iterating yields sample dicts (see ``iter_shard``; plus ``"__epoch__"`` and ``"__index__"``, the
     number of items emitted before it) and ``ShardFailure`` markers. ``state()`` after any item is a
     JSON-serialisable dict; ``SampleStream(..., state=s)`` continues the identical stream.
+
+    ``worker_index`` / ``worker_count`` split this process's shard visits once more (every
+    ``worker_count``-th visit of ``process_visits``) for the loader's worker processes; each worker's
+    shuffle draws are keyed by its index as well. With ``worker_count=1`` the stream is the process's
+    whole stream.
     """
 
     def __init__(self, sources: Sequence[Source], *, seed: int, process_index: int = 0,
                  process_count: int = 1, shuffle_buffer: int = 1000, shuffle_shards: bool = True,
                  epochs: int | None = None, fields: Callable[[str], bool] | None = None,
-                 state: dict | None = None):
+                 state: dict | None = None, worker_index: int = 0, worker_count: int = 1):
         self.sources = list(sources)
         self.seed, self.pi, self.pc = int(seed), int(process_index), int(process_count)
+        self.wi, self.wc = int(worker_index), int(worker_count)
+        if not 0 <= self.wi < self.wc:
+            raise ShardError(f"worker_index {self.wi} not in [0, {self.wc})")
         self.buffer_size = max(int(shuffle_buffer), 0)
         self.shuffle_shards, self.epochs, self.fields = shuffle_shards, epochs, fields
         self.fingerprint = hash_words(*(hash_words(*s.encode()) for src in self.sources
@@ -364,7 +372,10 @@ class SampleStream:
     def _start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._visits = process_visits(self.sources, self.seed, epoch, self.pi, self.pc,
-                                      shuffle=self.shuffle_shards)
+                                      shuffle=self.shuffle_shards)[self.wi::self.wc]
+        if not self._visits:
+            raise ShardError(f"worker {self.wi} of {self.wc} of process {self.pi} has no shard to read; "
+                             "use fewer data workers or more, smaller shards")
         self._visit = -1          # index of the open shard visit
         self._offset = 0          # samples read from it
         self._done = True         # the current visit has been read to its end (or failed)
@@ -414,7 +425,14 @@ class SampleStream:
             return sample
 
     def _draw(self, high: int) -> int:
-        return hash_words(self.seed, self.pi, self.epoch, self._n, 3) % high
+        if self.wc == 1:
+            return hash_words(self.seed, self.pi, self.epoch, self._n, 3) % high
+        return hash_words(self.seed, self.pi, self.wi, self.wc, self.epoch, self._n, 3) % high
+
+    @property
+    def current_shard(self) -> str | None:
+        """URL of the shard being read (None between shards)."""
+        return self._visits[self._visit] if self._reader is not None else None
 
     def __iter__(self) -> "SampleStream":
         return self
@@ -447,7 +465,8 @@ class SampleStream:
             if self._epoch_samples == 0 and not self._any_sample_ever:
                 raise ShardError(
                     f"epoch {self.epoch}: no sample could be read from the {len(self._visits)} shard(s) "
-                    f"of process {self.pi}: " + "; ".join(self._failures[:5] or [f"{self._visits[0]}: empty"]))
+                    f"of process {self.pi}{f' worker {self.wi}' if self.wc > 1 else ''}: "
+                    + "; ".join(self._failures[:5] or [f"{self._visits[0]}: empty"]))
             if self.epochs is not None and self.epoch + 1 >= self.epochs:
                 raise StopIteration
             self._start_epoch(self.epoch + 1)
@@ -466,6 +485,7 @@ class SampleStream:
         return {
             "version": STATE_VERSION, "fingerprint": format(self.fingerprint, "016x"),
             "seed": self.seed, "process_index": self.pi, "process_count": self.pc,
+            "worker_index": self.wi, "worker_count": self.wc,
             "epoch": self.epoch, "visit": self._visit, "offset": self._offset, "done": self._done,
             "emitted": self._n, "draining": self._draining,
             "any_sample": self._any_sample_ever, "epoch_samples": self._epoch_samples,
@@ -475,9 +495,10 @@ class SampleStream:
     def _restore(self, st: dict) -> None:
         if st.get("version") != STATE_VERSION:
             raise ShardError(f"unsupported stream state version {st.get('version')!r}")
-        for k, mine in (("seed", self.seed), ("process_index", self.pi), ("process_count", self.pc)):
-            if st[k] != mine:
-                raise ShardError(f"stream state was saved with {k}={st[k]}, this stream has {k}={mine}")
+        for k, mine in (("seed", self.seed), ("process_index", self.pi), ("process_count", self.pc),
+                        ("worker_index", self.wi), ("worker_count", self.wc)):
+            if st.get(k, 0 if k == "worker_index" else 1) != mine:
+                raise ShardError(f"stream state was saved with {k}={st.get(k)}, this stream has {k}={mine}")
         if st["fingerprint"] != format(self.fingerprint, "016x"):
             raise ShardError("stream state was saved for a different shard set (patterns, weights or "
                              "expanded file list changed); cannot resume exactly")

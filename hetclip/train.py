@@ -11,6 +11,7 @@ with its slice of that gradient. The result equals the single-pass gradient.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -33,7 +34,10 @@ from hetclip import distributed as dist
 from hetclip import losses
 from hetclip import metrics as metrics_lib
 from hetclip import workdir as workdir_lib
-from hetclip.data.decode import CLIP_MEAN, CLIP_STD
+from hetclip.data.decode import CLIP_MEAN, CLIP_STD, NORM_SCALE, NORM_SHIFT
+from hetclip.data.loader import TooManyBadSamples
+from hetclip.data.workers import DataWorkerError
+from hetclip.prefetch import DevicePrefetcher
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
 from hetclip.towers import compute_dtype
 
@@ -148,6 +152,14 @@ def _split_noise(noise):
         return {}, None
     per_example = {k: v for k, v in noise.items() if k != "C"}
     return per_example, noise.get("C")
+
+
+def normalize_images(images):
+    """uint8 ``[..., 3]`` -> float32 ``(x / 255 - CLIP_MEAN) / CLIP_STD`` inside the step (the loader ships
+    uint8: 4x less host->device traffic); float images are taken as already normalised."""
+    if images.dtype != jnp.uint8:
+        return images
+    return images.astype(jnp.float32) * jnp.asarray(NORM_SCALE) - jnp.asarray(NORM_SHIFT)
 
 
 def embed(model: DualEncoder, params, batch):
@@ -266,6 +278,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
     compute = grads_single if accum_steps == 1 else grads_accumulated
 
     def step(state, batch, key):
+        batch = dict(batch, image=normalize_images(batch["image"]))
         value, aux, grads = compute(state["params"], batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -308,7 +321,7 @@ class SyntheticBatches:
         s = cfg.data.image_size
         n = local_batch * jax.process_count()
         rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-        images = rng.standard_normal((n, s, s, 3), dtype=np.float32)
+        images = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)  # as the loader: uint8, normalised in the step
         texts = [f"synthetic caption {i % 97} {i // 97}" for i in range(n)]
         self._batch = {"image": images[rows], "text": tokenizer(texts[rows])}
         self._count = int((state or {}).get("batches", 0))
@@ -469,12 +482,39 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-    for name in ("loss", "grad_norm", "param_norm", "temperature"):
-        value = float(metrics[name])
-        if not math.isfinite(value):
-            raise TrainingError(f"non-finite {name} ({value}) at step {step}; stopping without saving this state. "
-                                "The last good checkpoint is untouched; lower the learning rate or check the data")
+GUARDED = ("loss", "grad_norm", "param_norm", "temperature")
+
+
+def new_guard() -> dict:
+    """Device-side record of the first non-finite step: ``step`` 0 = none yet, and its ``GUARDED`` values."""
+    return {"step": jnp.zeros((), jnp.int32), "values": jnp.zeros((len(GUARDED),), jnp.float32)}
+
+
+def guarded(step_fn):
+    """``step(state, batch, key)`` -> ``step(state, guard, batch, key) -> (state, guard, metrics)``.
+
+    The guard keeps the first step whose loss, gradient norm or parameter norm is not finite, so the
+    loop needs to read it (a few bytes) only when it logs, evaluates or saves.
+    """
+    def step(state, guard, batch, key):
+        new_state, metrics = step_fn(state, batch, key)
+        values = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in GUARDED])
+        first = (guard["step"] == 0) & ~jnp.all(jnp.isfinite(values))
+        guard = {"step": jnp.where(first, new_state["step"], guard["step"]),
+                 "values": jnp.where(first, values, guard["values"])}
+        return new_state, guard, metrics
+
+    return step
+
+
+def _check_guard(guard: dict) -> None:
+    step = int(guard["step"])
+    if step == 0:
+        return
+    values = dict(zip(GUARDED, (float(v) for v in guard["values"])))
+    name = next(k for k in GUARDED if not math.isfinite(values[k]))
+    raise TrainingError(f"non-finite {name} ({values[name]}) at step {step}; stopping without saving this state. "
+                        "The last good checkpoint is untouched; lower the learning rate or check the data")
 
 
 def _metadata(run: Run) -> dict:
@@ -558,43 +598,59 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
         if main:
             log.info("resumed from %s at step %d", ckpt.directory, start_step)
 
-    step_fn = jax.jit(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps), donate_argnums=(0,))
+    step_fn = jax.jit(guarded(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps)),
+                      donate_argnums=(0, 1))
     # Every leaf already placed as the step returns it, so the second call does not compile again.
     state = {"params": params, "opt_state": opt_state,
              "step": jax.device_put(jnp.asarray(start_step, jnp.int32), rep)}
+    guard = jax.device_put(new_guard(), rep)
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
+    data_pos = data.state()  # the loader position of the last batch a step consumed
     writer = metrics_lib.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     bar = metrics_lib.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)
 
+    def check():
+        """Read the device-side guard (a few bytes): raise naming the first non-finite step."""
+        _check_guard(jax.device_get(guard))
+
     def save(step):
+        check()  # nothing non-finite is ever saved
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], rng=rng,
-                  data_state=data.state(), meta=meta)
+                  data_state=data_pos, meta=meta)
 
     summary = {"workdir": workdir, "start_step": start_step, "total_steps": run.total_steps}
     step = start_step
     last_eval = {}
     window = {"t0": time.perf_counter(), "wait": 0.0, "n": 0}
+    feed = DevicePrefetcher(data, lambda local: dist.global_batch(local, mesh), depth=2)
+    in_flight: collections.deque = collections.deque()
     try:
         with _StopRequest() as stop:
             while step < end_step:
-                t_wait = time.perf_counter()
+                waited = feed.wait_seconds
                 try:
-                    local = next(data)
+                    batch, data_pos_next = next(feed)
                 except StopIteration:
                     raise TrainingError(f"the data ran out at step {step} (set data.epochs higher or "
                                         "num_samples correctly)") from None
-                batch = dist.global_batch(local, mesh)
-                window["wait"] += time.perf_counter() - t_wait
-                state, metrics = step_fn(state, batch, jax.random.fold_in(loop_key, step))
+                except (DataWorkerError, TooManyBadSamples) as e:
+                    raise TrainingError(f"input data at step {step + 1}: {e}") from None
+                window["wait"] += feed.wait_seconds - waited
+                state, guard, metrics = step_fn(state, guard, batch, jax.random.fold_in(loop_key, step))
+                data_pos = data_pos_next
                 step += 1
                 window["n"] += 1
-                metrics = jax.device_get(metrics)
-                _check_finite(step, metrics)
+                # At most two steps queued on the devices: their batches are the only ones held there.
+                in_flight.append(metrics["loss"])
+                if len(in_flight) > 2:
+                    in_flight.popleft().block_until_ready()
                 ckpt.poll()
                 if step % cfg.log_every == 0 or step == end_step:
+                    check()
+                    metrics = jax.device_get(metrics)
                     dt = time.perf_counter() - window["t0"]
                     scalars = {k: float(v) for k, v in metrics.items()}
                     scalars.update({"lr": float(schedule(step - 1)),
@@ -609,6 +665,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save(step)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end_step:
+                    check()
                     last_eval = evaluate(run, state["params"], step, writer, bar)
                 if stop.signal is not None:
                     bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
@@ -621,6 +678,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
             ckpt.wait()
     finally:
         failing = sys.exc_info()[0] is not None
+        feed.close()
         bar.close()
         data.close()
         try:
@@ -740,7 +798,7 @@ def parse(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a user error (one message naming the file, key or step), 128+N stopped by signal N."""
-    from hetclip.cli import guarded
+    from hetclip.cli import guarded as with_exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -756,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary_text(summary), flush=True)
         return 0
 
-    return guarded("hetclip-train", body, argv)
+    return with_exit_status("hetclip-train", body, argv)
 
 
 def _summary_text(summary: dict) -> str:

@@ -7,10 +7,12 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import warnings
 
 import numpy as np
@@ -20,6 +22,7 @@ from PIL import Image
 from hetclip.data import decode, shards
 from hetclip.data.loader import BadSampleWarning, TooManyBadSamples, make_eval_loader, make_train_loader
 from hetclip.data.tools import ShardWriter
+from hetclip.data.workers import DataWorkerError
 
 
 class CharTokenizer:
@@ -263,6 +266,41 @@ def test_jpeg_draft_close_to_full_decode():
     assert np.abs(fast - full).mean() < 2.0
 
 
+def _photo_jpeg(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 255 / (h + w)], -1)
+    img = np.clip(smooth + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(decode._simplejpeg is None, reason="simplejpeg is a dependency on Linux x86_64 only")
+def test_simplejpeg_matches_pillow_and_falls_back(monkeypatch):
+    assert decode.jpeg_decoder() == "simplejpeg"
+    for h, w in ((224, 300), (500, 620)):  # full-scale and DCT-downscaled (1/2) decoding
+        data = _photo_jpeg(h, w)
+        fast = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
+        fast.append(decode.eval_transform_uint8(data, 112))
+        with monkeypatch.context() as m:
+            m.setattr(decode, "_simplejpeg", None)
+            assert decode.jpeg_decoder() == "pillow"
+            ref = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
+            ref.append(decode.eval_transform_uint8(data, 112))
+        for a, b in zip(fast, ref):
+            assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 2
+    # simplejpeg refuses a truncated file; Pillow then names the error as before
+    data = _photo_jpeg(224, 300)
+    with pytest.raises(decode.DecodeError) as e:
+        decode.train_transform_uint8(data[: len(data) // 2], 64, random.Random(0))
+    assert e.value.reason == "corrupt_image"
+    # CMYK and grayscale JPEGs go through Pillow
+    buf = io.BytesIO()
+    Image.new("L", (40, 30), 77).save(buf, "JPEG")
+    assert (decode.eval_transform_uint8(buf.getvalue(), 16) == 77).all()
+
+
 def test_random_resized_crop_box_and_determinism():
     rng = random.Random(0)
     for scale in ((0.9, 1.0), (0.08, 1.0)):
@@ -280,21 +318,33 @@ def test_random_resized_crop_box_and_determinism():
 
 # ----------------------------------------------------------------------------- loader
 
-def test_loader_batches_and_workers_do_not_change_results(shard_set):
+def _captions(batches):
+    return [bytes(int(t) - 2 for t in row[: list(row).index(1)]).decode() for x in batches for row in x["text"]]
+
+
+def test_loader_batches_are_uint8_and_depend_only_on_worker_count(shard_set):
     spec = {**SPEC, "shards": shard_set, "epochs": 1}
     inline = _all(make_train_loader(spec, CharTokenizer(), batch_size=5, seed=3, num_workers=0))
     assert len(inline) == 6  # 32 samples, last partial batch dropped
     b = inline[0]
-    assert b["image"].shape == (5, 16, 16, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (5, 16, 16, 3) and b["image"].dtype == np.uint8
     assert b["text"].shape == (5, 12) and b["text"].dtype == np.int32
-    lo = (0 - np.array(decode.CLIP_MEAN)) / np.array(decode.CLIP_STD)
-    hi = (1 - np.array(decode.CLIP_MEAN)) / np.array(decode.CLIP_STD)
-    assert np.all(b["image"] >= lo - 1e-5) and np.all(b["image"] <= hi + 1e-5)
-    captions = {bytes(int(t) - 2 for t in row[: list(row).index(1)]).decode() for x in inline for row in x["text"]}
-    assert len(captions) == 30 and all(c.startswith("c") for c in captions)
-    pooled = _all(make_train_loader(spec, CharTokenizer(), batch_size=5, seed=3, num_workers=2))
-    for x, y in zip(inline, pooled, strict=True):
+    captions = _captions(inline)
+    assert len(set(captions)) == 30 and all(c.startswith("c") for c in captions)
+    one = _all(make_train_loader(spec, CharTokenizer(), batch_size=5, seed=3, num_workers=1))
+    for x, y in zip(inline, one, strict=True):  # the in-process producer is one worker
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
+    two = [_all(make_train_loader(spec, CharTokenizer(), batch_size=5, seed=3, num_workers=2)) for _ in range(2)]
+    for x, y in zip(*two, strict=True):  # repeatable with the same worker count
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
+    # rows 0-2 from worker 0 (shards 0 and 2 of the epoch's order), rows 3-4 from worker 1: disjoint shards
+    c2 = [_captions([{"text": x["text"][rows]}]) for x in two[0] for rows in (slice(0, 3), slice(3, 5))]
+    shard_of = lambda c: int(c[1:]) // 8  # noqa: E731 - 8 samples per shard
+    w0 = {shard_of(c) for part in c2[0::2] for c in part}
+    w1 = {shard_of(c) for part in c2[1::2] for c in part}
+    assert len(w0) == len(w1) == 2 and not w0 & w1
+    all2 = [c for part in c2 for c in part]
+    assert len(set(all2)) == len(all2) == 25  # worker 0: 16 samples -> 5 sub-batches of 3
     other = _all(make_train_loader(spec, CharTokenizer(), batch_size=5, seed=4, num_workers=0))
     assert not np.array_equal(other[0]["text"], inline[0]["text"])
 
@@ -305,7 +355,7 @@ RESUME_CHILD = textwrap.dedent("""
     from test_data_pipeline import CharTokenizer
     from hetclip.data.loader import make_train_loader
     state = json.load(open({state!r}))
-    with make_train_loader({spec!r}, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=state) as L:
+    with make_train_loader({spec!r}, CharTokenizer(), batch_size=4, seed=11, num_workers=2, state=state) as L:
         batches = [next(L) for _ in range({n})]
     np.savez({out!r}, image=np.stack([b["image"] for b in batches]), text=np.stack([b["text"] for b in batches]))
 """)
@@ -328,6 +378,41 @@ def test_exact_resume_in_a_new_process(tmp_path, shard_set):
     rest = np.load(tmp_path / "rest.npz")
     np.testing.assert_array_equal(rest["image"], np.stack([b["image"] for b in straight[k:]]))
     np.testing.assert_array_equal(rest["text"], np.stack([b["text"] for b in straight[k:]]))
+    with pytest.raises(shards.ShardError, match=r"saved with 2 data worker\(s\) per process, this run uses 1 "
+                                                r"\(data.num_workers=1\).*set data.num_workers=2"):
+        make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=state)
+
+
+def test_more_workers_than_shards_uses_one_worker_per_shard(shard_set, caplog):
+    spec = {**SPEC, "shards": shard_set, "epochs": 1}
+    with caplog.at_level("WARNING", logger="hetclip.data"):
+        with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=0, process_index=1, process_count=2,
+                               num_workers=3) as loader:  # process 1 of 2 reads 2 of the 4 shards
+            assert loader.num_workers == 2 and len(loader.worker_pids) == 2
+            batches = list(loader)
+            state = loader.state()
+    assert "data.num_workers=3 but process 1 has 2 shard visit(s)" in caplog.text
+    assert len(batches) == 4 and state["workers"] == 2  # 2 x 8 samples, 2 rows per worker and batch
+
+
+def test_resume_from_a_single_stream_state(shard_set):
+    """A state of the single-stream format (stream position at a chunk start + samples to skip)."""
+    spec = {**SPEC, "shards": shard_set, "shuffle_buffer": 10}
+    with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=0) as loader:
+        straight = [next(loader) for _ in range(6)]
+    stream = shards.SampleStream(shards.parse_sources(shard_set), seed=11, shuffle_buffer=10)
+    for _ in range(9):  # chunk of 4 starting after 9 items; batch 3 ends with the 3rd item of that chunk
+        next(stream)
+    v1 = {"version": 1, "stream": stream.state(), "skip": 3, "stats": {}}
+    stream.close()
+    with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=v1) as loader:
+        unmoved = loader.state()  # saved again before any batch: still the same position
+    with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state=unmoved) as loader:
+        rest = [next(loader) for _ in range(3)]
+    for x, y in zip(rest, straight[3:]):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
+    with pytest.raises(shards.ShardError, match="1 data stream per process, this run uses 2"):
+        make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=2, state=v1)
 
 
 def _open_fds():
@@ -344,7 +429,8 @@ def test_close_leaves_no_fds_or_processes(shard_set):
         loader = make_train_loader(spec, CharTokenizer(), batch_size=4, seed=0, num_workers=2)
         next(loader)
         next(loader)
-        pids = [p.pid for p in loader._pool.procs]
+        pids = loader.worker_pids
+        assert len(pids) == 2
         loader.close()
         loader.close()  # idempotent
         with make_train_loader(spec, CharTokenizer(), batch_size=4, seed=0, num_workers=1) as l2:
@@ -356,6 +442,72 @@ def test_close_leaves_no_fds_or_processes(shard_set):
             os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="closed"):
         next(loader)
+
+
+def test_a_killed_worker_ends_iteration_naming_worker_and_shard(shard_set):
+    spec = {**SPEC, "shards": shard_set}
+    loader = make_train_loader(spec, CharTokenizer(), batch_size=4, seed=0, num_workers=2)
+    next(loader)
+    pids = loader.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(DataWorkerError, match=rf"data worker 1 \(pid {pids[1]}\) of process 0 was killed by "
+                                              r"SIGKILL while reading shard .*0000[0-3]\.tar; stopping"):
+        for _ in range(20):  # sub-batches it wrote before dying are still delivered
+            next(loader)
+    with pytest.raises(ProcessLookupError):  # the other worker was stopped too
+        os.kill(pids[0], 0)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
+def test_workers_leave_sigint_and_sigterm_to_the_parent(shard_set):
+    with make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0,
+                           num_workers=1) as loader:
+        next(loader)
+        pid = loader.worker_pids[0]
+        os.kill(pid, signal.SIGINT)  # what a Ctrl-C in the terminal sends to the whole process group
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(12):  # 48 samples: beyond what was decoded ahead before the signals
+            next(loader)
+        assert _alive(pid)
+
+
+PARENT_CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {test_dir!r})
+    from test_data_pipeline import CharTokenizer
+    from hetclip.data.loader import make_train_loader
+    loader = make_train_loader({spec!r}, CharTokenizer(), batch_size=4, seed=0, num_workers=2)
+    next(loader)
+    print(*loader.worker_pids, flush=True)
+    time.sleep(600)
+""")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_the_parent_is_killed(shard_set):
+    code = PARENT_CHILD.format(test_dir=os.path.dirname(__file__), spec={**SPEC, "shards": shard_set})
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        before = set(os.listdir("/dev/shm"))
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 10
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), "decode workers outlived their parent"
+    assert set(os.listdir("/dev/shm")) <= before  # nothing named was left behind
 
 
 def test_spec_errors():

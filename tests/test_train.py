@@ -52,7 +52,7 @@ def _batch(cfg, tok, n, seed=0):
     return {"image": rng.standard_normal((n, s, s, 3)).astype(np.float32), "text": tok(texts)}
 
 
-def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1):
+def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None):
     mcfg = train_lib.model_config(cfg, tok)
     mesh = dist.make_mesh(-1, fsdp, devices=devices)
     from hetclip.model import init_params
@@ -62,7 +62,7 @@ def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1):
     opt, _ = train_lib.make_optimizer(cfg, params, cfg.total_steps)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
     step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum))
-    batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed), mesh)
+    batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed) if batch is None else batch, mesh)
     new, metrics = step(state, batch, jax.random.key(7))
     return jax.device_get(new["params"]), jax.device_get(metrics)
 
@@ -80,6 +80,28 @@ def test_one_step_on_8_devices_equals_one_device(tokenizer_dir, het, loss):
     p8, m8 = _step_once(cfg, tok, jax.devices()[:8])
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     _close(p1, p8)
+
+
+def test_uint8_batches_are_normalised_in_the_step_as_on_the_host(tokenizer_dir):
+    from hetclip.data import decode
+
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    u8[0, 0, :2] = [[0, 0, 0], [255, 255, 255]]
+    device = np.asarray(jax.jit(train_lib.normalize_images)(u8))
+    reference = (u8 / 255.0 - np.asarray(decode.CLIP_MEAN)) / np.asarray(decode.CLIP_STD)  # float64
+    assert device.dtype == np.float32
+    assert np.abs(device - reference).max() <= 1e-6
+    assert np.abs(device - decode.normalize(u8)).max() <= 1e-6
+    # a whole step on uint8 rows equals the step on the host-normalised float rows
+    cfg = tiny_config(tokenizer_dir, het=True)
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    rows = _batch(cfg, tok, cfg.batch_size)
+    rows["image"] = rng.integers(0, 256, rows["image"].shape, dtype=np.uint8)
+    p_u8, m_u8 = _step_once(cfg, tok, jax.devices()[:8], batch=rows)
+    p_f32, m_f32 = _step_once(cfg, tok, jax.devices()[:8], batch=dict(rows, image=decode.normalize(rows["image"])))
+    np.testing.assert_allclose(m_u8["loss"], m_f32["loss"], rtol=1e-6)
+    _close(p_u8, p_f32, rtol=1e-5, atol=1e-6)  # Adam turns ulp-level gradient noise into ~lr*1e-4
 
 
 def test_fsdp_mesh_step_equals_one_device(tokenizer_dir):
@@ -176,13 +198,30 @@ def test_train_resume_and_config_guard(tokenizer_dir, tmp_path):
         train_lib.train(changed, resumed, progress=False)
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path):
+def test_guard_keeps_the_first_non_finite_step():
+    def fake_step(state, batch, key):
+        return {"step": state["step"] + 1}, {"loss": batch[0], "grad_norm": batch[1], "param_norm": jnp.float32(2)}
+
+    step = jax.jit(train_lib.guarded(fake_step), donate_argnums=(0, 1))
+    state, guard = {"step": jnp.asarray(0, jnp.int32)}, train_lib.new_guard()
+    for row in ((1.0, 1.0), (2.0, 1.0), (3.0, np.inf), (np.nan, 1.0), (4.0, 1.0)):
+        train_lib._check_guard(jax.device_get(guard)) if int(state["step"]) < 2 else None
+        state, guard, _ = step(state, guard, jnp.asarray(row, jnp.float32), jax.random.key(0))
+    g = jax.device_get(guard)
+    assert int(g["step"]) == 3
+    with pytest.raises(train_lib.TrainingError, match=r"non-finite grad_norm \(inf\) at step 3;"):
+        train_lib._check_guard(g)
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path, log_every):
     cfg = tiny_config(tokenizer_dir, steps=8)
     work = str(tmp_path / "w")
     train_lib.train(cfg, work, progress=False, max_steps=2)
     ckpt_dir = os.path.join(work, "checkpoints", "2")
     before = sorted(os.listdir(ckpt_dir))
-    bad = config_lib.apply_overrides(cfg, ["optim.lr=1e30"])
+    # with log_every=4 the metrics are first read at step 4 (a checkpoint step): the guard still names step 3
+    bad = config_lib.apply_overrides(cfg, ["optim.lr=1e30", f"log_every={log_every}"])
     with pytest.raises(train_lib.TrainingError, match=r"non-finite .* at step 3"):
         train_lib.train(bad, work, progress=False, allow_config_change=True)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2"]

@@ -83,14 +83,66 @@ def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path):
         if os.path.exists(os.path.join(work, "metrics.jsonl")) and max(losses(work) or [0]) >= 7:
             break
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    workers = data_workers(proc.pid)
+    assert workers, "the trainer has no data worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(losses(work))
     assert killed_at < 12, "the run finished before it could be killed"
+    deadline = time.time() + 10
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers), "data workers outlived the killed trainer"
     subprocess.run(train_cmd(cfg, work), check=True, env=env(), timeout=900)
     a, b = losses(straight), losses(work)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+
+
+def data_workers(pid):
+    """Pids of the data-worker processes among ``pid``'s children (Linux /proc)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"hetclip.data.workers" in c.read():
+                        out.append(int(child))
+    return out
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_data_worker_stops_the_run_by_name_and_keeps_checkpoints(tmp_path):
+    cfg = write_config(tmp_path, steps=400, every=2, workers=2)
+    work = str(tmp_path / "w")
+    proc = subprocess.Popen(train_cmd(cfg, work), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(os.path.join(work, "metrics.jsonl"))
+                                          and max(losses(work) or [0]) >= 3):
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    workers = data_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    rc = proc.wait(timeout=300)
+    err = proc.stderr.read().decode()
+    assert rc == 2, err[-3000:]
+    assert f"data worker 1 (pid {workers[1]}) of process 0 was killed by SIGKILL while reading shard " in err
+    assert "Traceback" not in err
+    assert not alive(workers[0])
+    steps = sorted(int(s) for s in os.listdir(os.path.join(work, "checkpoints")) if s.isdigit())
+    assert steps and steps[-1] >= 2
+    from hetclip.checkpoint import load_params
+
+    step, params, _ = load_params(work)
+    assert step == steps[-1]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
