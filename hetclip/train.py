@@ -695,9 +695,12 @@ def parse(argv: list[str]):
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a work directory even though its saved config differs")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    parser.add_argument("--coordinator", help="multi-process: coordinator address host:port")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--coordinator", help="multi-process: coordinator address host:port (default: JAX's "
+                        "auto-detection under SLURM, Open MPI or on Cloud TPU VMs)")
+    parser.add_argument("--num-processes", type=int, help="multi-process: number of processes (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's id 0..N-1 (with --coordinator)")
+    parser.add_argument("--no-cluster-detection", action="store_true",
+                        help="run as one process even inside a SLURM step, mpirun or a TPU pod")
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
     args = parser.parse_args(rest)
     if spec is None:
@@ -714,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         cfg, workdir, args = parse(sys.argv[1:] if argv is None else argv)
-        dist.initialize(args.coordinator, args.num_processes, args.process_id)
+        dist.initialize(args.coordinator, args.num_processes, args.process_id, auto=not args.no_cluster_detection)
         summary = train(cfg, workdir, allow_config_change=args.allow_config_change, progress=not args.no_progress,
                         max_steps=args.max_steps)
     except (config_lib.ConfigError, TrainingError, FileNotFoundError, ValueError) as e:
