@@ -1,6 +1,6 @@
-"""Attention on CPU: ``towers.SelfAttention`` (``jax.nn.dot_product_attention``, [b, t, heads, hd]
-operands) against the same attention written with heads-major einsums ([b, heads, t, hd], the layout
-XLA:CPU's batched dots prefer), forward + backward of the whole block (q/k/v/out projections
+"""Attention on CPU: ``towers.SelfAttention`` with ``attention="xla"`` (``jax.nn.dot_product_attention``,
+[b, t, heads, hd] operands) against ``attention="auto"`` (on CPU ``heads_major_attention``: einsums in
+the [b, heads, t, hd] layout), forward + backward of the whole block (q/k/v/out projections
 included), interleaved rounds so both see the same machine load.
 
     python bench/bench_attention.py [--rounds 5] [--out bench/results/attention]
@@ -32,38 +32,15 @@ CASES = [  # name, batch, tokens, width, heads, causal
 ]
 
 
-def heads_major(params, x, heads, causal, dtype):
-    b, t, w = x.shape
-    hd = w // heads
-
-    def proj(name, y):
-        return towers.mm(y, params[name]["kernel"], dtype) + params[name]["bias"]
-
-    def split(y):
-        return y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3)
-
-    q, k, v = (split(proj(n, x)) for n in ("q_proj", "k_proj", "v_proj"))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", (q * hd ** -0.5).astype(dtype), k.astype(dtype),
-                        preferred_element_type=jnp.float32)
-    if causal:
-        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
-    return proj("out_proj", ctx.transpose(0, 2, 1, 3).reshape(b, t, w))
-
-
 def step_fns(batch, tokens, width, heads, causal, dtype):
-    mod = towers.SelfAttention(width, heads, layers=12, causal=causal, dtype=dtype)
     x = jax.random.normal(jax.random.key(0), (batch, tokens, width), jnp.float32)
-    params = mod.init(jax.random.key(1), x)["params"]
-
-    def grad_of(fn):
-        return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) ** 2), argnums=(0, 1)))
-
-    new = grad_of(lambda p, x: mod.apply({"params": p}, x))
-    old = grad_of(lambda p, x: heads_major(p, x, heads, causal, dtype))
-    return {"dot_product_attention": lambda: jax.block_until_ready(new(params, x)),
-            "heads_major": lambda: jax.block_until_ready(old(params, x))}
+    fns, params = {}, None
+    for label, attention in (("dot_product_attention", "xla"), ("heads_major", "auto")):
+        mod = towers.SelfAttention(width, heads, layers=12, causal=causal, dtype=dtype, attention=attention)
+        params = params or mod.init(jax.random.key(1), x)["params"]
+        step = jax.jit(jax.grad(lambda p, x, m=mod: jnp.sum(m.apply({"params": p}, x) ** 2), argnums=(0, 1)))
+        fns[label] = lambda step=step: jax.block_until_ready(step(params, x))
+    return fns
 
 
 def time_call(fn, repeats):

@@ -206,10 +206,13 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def attention_implementation(name: str, dtype) -> str | None:
-    """``ModelConfig.attention`` -> the ``implementation`` argument of ``jax.nn.dot_product_attention``.
+    """``ModelConfig.attention`` -> ``"heads_major"`` (``heads_major_attention``) or the
+    ``implementation`` argument of ``jax.nn.dot_product_attention``.
 
-    ``"auto"``: JAX's choice (XLA's attention today, on every backend); ``"xla"``: XLA's; ``"cudnn"``:
-    cuDNN's fused (flash) attention, NVIDIA GPUs only, with bf16 compute."""
+    ``"auto"``: on CPU ``heads_major_attention`` (measured faster there: bench/bench_attention.py),
+    elsewhere JAX's choice (``None``: XLA's attention today); ``"xla"``: ``dot_product_attention``
+    with XLA's implementation on any backend; ``"cudnn"``: cuDNN's fused (flash) attention, NVIDIA
+    GPUs only, with bf16 compute."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r} is not supported; choose one of {ATTENTION_IMPLEMENTATIONS}")
     if name == "cudnn":
@@ -218,12 +221,32 @@ def attention_implementation(name: str, dtype) -> str | None:
                              f"{jax.default_backend()!r} (use attention='auto')")
         if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
             raise ValueError(f"attention='cudnn' needs dtype='bfloat16' (or 'auto' on a GPU), got {jnp.dtype(dtype).name}")
-    return None if name == "auto" else name
+    if name == "auto":
+        return "heads_major" if jax.default_backend() == "cpu" else None
+    return name
+
+
+def heads_major_attention(q, k, v, *, causal: bool, dtype):
+    """Softmax attention of ``q, k, v [b, t, heads, hd]`` computed in the ``[b, heads, t, hd]`` layout:
+    XLA:CPU's batched dots are faster with the batch dimensions leading. ``q`` is scaled by
+    ``hd^-0.5`` before the logits matmul; logits and softmax in fp32, both matmuls accumulate in
+    fp32 from ``dtype`` operands. Returns ``[b, t, heads, hd]`` fp32."""
+    hd = q.shape[-1]
+    q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", (q * hd ** -0.5).astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if causal:
+        t = logits.shape[-1]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool))[None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    return ctx.transpose(0, 2, 1, 3)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (with bias), scale head_dim^-0.5,
-    computed by ``jax.nn.dot_product_attention`` (``attention`` picks its implementation)."""
+    """Multi-head self-attention with separate q/k/v/out projections (with bias), scale head_dim^-0.5;
+    ``attention`` picks the kernel (``attention_implementation``): ``heads_major_attention`` or
+    ``jax.nn.dot_product_attention`` (XLA or cuDNN)."""
     width: int
     heads: int
     layers: int
@@ -240,16 +263,20 @@ class SelfAttention(nn.Module):
         init = nn.initializers.normal(attn_std)
         implementation = attention_implementation(self.attention, self.dtype)
 
-        def split_heads(y):  # [b, t, W] -> [b, t, heads, hd], the layout dot_product_attention takes
-            return y.reshape(b, t, self.heads, hd).astype(self.dtype)
+        def split_heads(y):  # [b, t, W] -> [b, t, heads, hd]
+            return y.reshape(b, t, self.heads, hd)
 
         q = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="q_proj")(x))
         k = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="k_proj")(x))
         v = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="v_proj")(x))
-        # logits and softmax in fp32 (bf16 operands accumulate in fp32), probabilities cast to the
-        # compute dtype for the second matmul
-        ctx = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, is_causal=self.causal,
-                                           implementation=implementation)
+        if implementation == "heads_major":
+            ctx = heads_major_attention(q, k, v, causal=self.causal, dtype=self.dtype)
+        else:
+            # fp32 logits and softmax (bf16 operands accumulate in fp32), probabilities cast to the
+            # compute dtype for the second matmul
+            ctx = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                               scale=hd ** -0.5, is_causal=self.causal,
+                                               implementation=implementation)
         ctx = ctx.reshape(b, t, self.width).astype(jnp.float32)
         return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
                      name="out_proj")(ctx)

@@ -1,5 +1,6 @@
-"""Attention through ``jax.nn.dot_product_attention`` against the explicit heads-major attention math
-(the reference below), the implementation knob, and the accelerator matmul path of ``towers.mm``."""
+"""Both attention kernels (``attention="auto"``: heads-major einsums on CPU; ``"xla"``:
+``jax.nn.dot_product_attention``) against the attention math written out below, the implementation
+knob, and the accelerator matmul path of ``towers.mm``."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,8 @@ def reference_attention(params, x, heads, causal, dtype):
     return proj("out_proj", ctx.transpose(0, 2, 1, 3).reshape(b, t, w))
 
 
-def _module_and_params(causal, dtype, width=32, heads=4, t=7):
-    mod = towers.SelfAttention(width, heads, layers=2, causal=causal, dtype=dtype)
+def _module_and_params(causal, dtype, width=32, heads=4, t=7, attention="auto"):
+    mod = towers.SelfAttention(width, heads, layers=2, causal=causal, dtype=dtype, attention=attention)
     x = jax.random.normal(jax.random.key(1), (3, t, width), jnp.float32)
     params = mod.init(jax.random.key(0), x)["params"]
     # non-zero biases so they are checked too
@@ -40,9 +41,10 @@ def _module_and_params(causal, dtype, width=32, heads=4, t=7):
     return mod, params, x
 
 
+@pytest.mark.parametrize("attention", ["auto", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fp32_attention_equals_reference(causal):
-    mod, params, x = _module_and_params(causal, jnp.float32)
+def test_fp32_attention_equals_reference(causal, attention):
+    mod, params, x = _module_and_params(causal, jnp.float32, attention=attention)
     got = mod.apply({"params": params}, x)
     want = reference_attention(params, x, 4, causal, jnp.float32)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -55,9 +57,10 @@ def test_fp32_attention_equals_reference(causal):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g_got, g_want)
 
 
+@pytest.mark.parametrize("attention", ["auto", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_attention_close_to_reference(causal):
-    mod, params, x = _module_and_params(causal, jnp.bfloat16)
+def test_bf16_attention_close_to_reference(causal, attention):
+    mod, params, x = _module_and_params(causal, jnp.bfloat16, attention=attention)
     got = mod.apply({"params": params}, x)
     want = reference_attention(params, x, 4, causal, jnp.bfloat16)
     assert got.dtype == jnp.float32
@@ -67,8 +70,9 @@ def test_bf16_attention_close_to_reference(causal):
     assert float(jnp.abs(got - fp32).max()) > 0  # the bf16 path really rounds
 
 
-def test_causal_attention_ignores_later_tokens():
-    mod, params, x = _module_and_params(True, jnp.float32)
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_causal_attention_ignores_later_tokens(attention):
+    mod, params, x = _module_and_params(True, jnp.float32, attention=attention)
     changed = x.at[:, 4:].set(7.0)
     np.testing.assert_allclose(mod.apply({"params": params}, x)[:, :4],
                                mod.apply({"params": params}, changed)[:, :4], atol=1e-6)
@@ -80,16 +84,20 @@ def test_attention_knob_validation():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="attention='cudnn' needs an NVIDIA GPU"):
             towers.attention_implementation("cudnn", jnp.bfloat16)
-    assert towers.attention_implementation("auto", jnp.float32) is None
     assert towers.attention_implementation("xla", jnp.float32) == "xla"
     cfg = preset("tiny", attention="xla")
     assert ModelConfig.from_dict(cfg.to_dict()).attention == "xla"
 
 
-def test_explicit_xla_attention_equals_auto():
-    mod, params, x = _module_and_params(True, jnp.float32)
-    xla = towers.SelfAttention(32, 4, layers=2, causal=True, attention="xla")
-    np.testing.assert_array_equal(mod.apply({"params": params}, x), xla.apply({"params": params}, x))
+def test_auto_attention_follows_the_backend(monkeypatch):
+    assert towers.attention_implementation("auto", jnp.float32) == ("heads_major" if jax.default_backend() == "cpu"
+                                                                    else None)
+    monkeypatch.setattr(towers.jax, "default_backend", lambda: "tpu")
+    assert towers.attention_implementation("auto", jnp.bfloat16) is None   # JAX's own choice off the CPU
+    monkeypatch.setattr(towers.jax, "default_backend", lambda: "gpu")
+    assert towers.attention_implementation("cudnn", jnp.bfloat16) == "cudnn"
+    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+        towers.attention_implementation("cudnn", jnp.float32)
 
 
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
