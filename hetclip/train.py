@@ -689,8 +689,7 @@ def parse(argv: list[str]):
     spec, overrides, rest = config_lib.split_argv(argv)
     parser = argparse.ArgumentParser(prog="hetclip-train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="--config FILE|RECIPE (required) and --config.KEY=VALUE overrides. "
-                                            f"Recipes: {', '.join(config_lib.available_recipes())}")
+                                     epilog=config_lib.help_epilog())
     parser.add_argument("--workdir", help="run directory (default: runs/<recipe>)")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a work directory even though its saved config differs")
