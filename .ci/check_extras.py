@@ -19,11 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the package each extra must bring in, besides jax itself

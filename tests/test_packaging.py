@@ -1,14 +1,10 @@
 """pyproject.toml's pins and extras, and the CI check that the accelerator extras resolve."""
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
