@@ -80,3 +80,25 @@ def test_two_processes_find_each_other_through_slurm_detection():
     results = sorted(next(ln for ln in o.splitlines() if ln.startswith("RESULT")).split()[1:] for o in outs)
     # both processes: detected SLURM, ranks 0 and 1 of 2, 4 global devices, allgather saw both (1 + 2)
     assert results == [["slurm", "0", "2", "4", "3"], ["slurm", "1", "2", "4", "3"]]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_hetclip_train_under_slurm_needs_no_coordinator_flags(tmp_path):
+    from test_train_e2e import losses, train_cmd, write_config
+
+    cfg = write_config(tmp_path, steps=2, every=2, synthetic=True)
+    work = str(tmp_path / "slurm")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_"))}
+        env.update(SLURM, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), JAX_COORDINATOR_PORT=str(port),
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2", HF_HUB_OFFLINE="1")
+        procs.append(subprocess.Popen(train_cmd(cfg, work), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    for rank, out in enumerate(outs):
+        assert f"jax.distributed (slurm, auto-detected): process {rank} of 2" in out
+    assert sorted(losses(work)) == [1, 2]
