@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -78,8 +79,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if cluster is None:
             return None
         jax.distributed.initialize()
-        log.info("jax.distributed (%s, auto-detected): process %d of %d, %d local / %d global devices", cluster,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+        # one line per process on stderr: which cluster JAX found and who this process is
+        print(f"jax.distributed ({cluster}, auto-detected): process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices", file=sys.stderr, flush=True)
         return cluster
     if not coordinator or num_processes is None or process_id is None:
         raise ValueError("multi-process training needs all of coordinator address, number of processes and "

@@ -100,5 +100,5 @@ def test_hetclip_train_under_slurm_needs_no_coordinator_flags(tmp_path):
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     for rank, out in enumerate(outs):
-        assert f"jax.distributed (slurm, auto-detected): process {rank} of 2" in out
+        assert f"jax.distributed (slurm, auto-detected): process {rank} of 2, 2 local / 4 global devices" in out
     assert sorted(losses(work)) == [1, 2, 3]
