@@ -1,4 +1,5 @@
 """A base install (no torch) prints no advice from transformers when hetclip loads it."""
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ HIDE_TORCH = "import sys; sys.modules['torch'] = None; "
 
 
 def _stderr(code):
-    env_clean = {k: v for k, v in __import__("os").environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    env_clean = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     out = subprocess.run([sys.executable, "-c", HIDE_TORCH + code], capture_output=True, text=True, env=env_clean,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
