@@ -1,4 +1,7 @@
-"""CLIP ViT-L/14: FSDP over 8 devices per data replica, remat, bf16 compute. ``clip_l14:het`` for HET-XL."""
+"""CLIP ViT-L/14: FSDP over 8 devices per data replica, remat, bf16 compute. ``clip_l14:het`` for HET-XL.
+
+Sized for hosts of 8 accelerators (each host one FSDP group, data parallel across hosts) at batch 32,768.
+"""
 from hetclip.configs._base import base_config, variants, imagenet_task
 
 

@@ -4,6 +4,9 @@
         --config.data.shards=... --config.data.tokenizer.path=/models/clip-vit-base-patch32
 
 ``lit_b32:het`` adds a HET-XL head on the locked image features (the head is trained).
+
+Sized like ``clip_b32`` (batch 32,768 on a TPU pod slice or several 8-GPU hosts); the locked image tower
+needs no gradients, so a step needs less memory and compute than clip_b32's.
 """
 from hetclip.configs._base import base_config, variants, imagenet_task
 

@@ -9,6 +9,7 @@ wrong type are errors that name the key and suggest the nearest valid one.
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib
 import importlib.util
@@ -40,6 +41,43 @@ def available_recipes() -> list[str]:
 
     folder = os.path.dirname(pkg.__file__)
     return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+# The overrides most runs need (shown by ``hetclip-train --help``); every key of the recipe can be set.
+COMMON_OVERRIDES = (
+    ("data.shards='/data/laion/{00000..41407}.tar'", "training shards (brace pattern, `::` joins sources)"),
+    ("data.tokenizer.path=DIR", "a Hugging Face tokenizer directory (tokenizer.json)"),
+    ("batch_size=N", "global batch over all processes and devices (the negatives of each example)"),
+    ("accum_steps=K", "split each device's share into K micro-batches (less memory, same result)"),
+    ("total_samples=N / total_steps=N", "training length (total_steps wins when > 0)"),
+    ("model.dtype=auto|bfloat16|float32", "compute dtype (auto: bf16 where matmuls are fast)"),
+    ("model.remat=True", "recompute activations in the backward pass (less memory, ~1/3 more compute)"),
+    ("model.attention=auto|xla|cudnn", "attention kernel (cudnn: fused attention on NVIDIA GPUs)"),
+    ("mesh.fsdp=8", "shard parameters and optimizer state over 8 devices (mesh.data=-1 takes the rest)"),
+    ("model.het.num_samples=S", "HET-XL MC samples (the :het recipes; num_factors, sample_chunk beside it)"),
+    ("optim.lr=5e-4", "peak learning rate (optim.warmup_steps, optim.weight_decay, ...)"),
+    ("eval.tasks.0.dir=/data/imagenet/val", "zero-shot evaluation data (eval.every_steps, eval.mc_samples)"),
+    ("checkpoint.every_steps=N", "checkpoint interval (resuming: rerun the same command)"),
+)
+
+
+def recipe_summaries() -> dict[str, str]:
+    """Recipe name -> the first line of its module docstring."""
+    out = {}
+    for name in available_recipes():
+        doc = importlib.import_module(f"hetclip.configs.{name}").__doc__ or ""
+        out[name] = doc.strip().splitlines()[0].replace("``", "") if doc.strip() else ""
+    return out
+
+
+def help_epilog() -> str:
+    """``hetclip-train --help``'s epilog: the recipes and the most-used overrides."""
+    lines = ["--config FILE|RECIPE[:het] (required), then any number of --config.KEY=VALUE overrides.", "",
+             "recipes (add :het for the HET-XL head):"]
+    lines += [f"  {name:<10} {summary}" for name, summary in recipe_summaries().items()]
+    lines += ["", "most-used overrides (--config.KEY=VALUE):"]
+    lines += [f"  {key}\n      {what}" for key, what in COMMON_OVERRIDES]
+    return "\n".join(lines)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -134,20 +172,30 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node = cfg
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        if isinstance(node, list) and part.isdigit():  # an entry of a list of groups: eval.tasks.0.dir
+            if int(part) >= len(node) or not isinstance(node[int(part)], (dict, ml_collections.ConfigDict)):
+                raise ConfigError(f"config key {'.'.join(parts[:i])!r} has {len(node)} entries; "
+                                  f"{'.'.join(parts[:i + 1])!r} is not one of its groups (in override {key}={raw})")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, (dict, ml_collections.ConfigDict)) or part not in node or \
+                not isinstance(node[part], (ml_collections.ConfigDict, list, dict)):
             raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} (in override {key}={raw}){_suggest(key, cfg)}")
         node = node[part]
     last = parts[-1]
-    if last not in node:
+    if not isinstance(node, (dict, ml_collections.ConfigDict)) or last not in node:
         raise ConfigError(f"unknown config key {key!r}{_suggest(key, cfg)}")
     value = _parse_value(raw, node[last], key)
-    with node.unlocked():
+    if isinstance(node, ml_collections.ConfigDict):
+        with node.unlocked():
+            node[last] = value
+    else:
         node[last] = value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
     """Apply ``a.b=value`` strings to a copy of ``cfg``."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg = ml_collections.ConfigDict(copy.deepcopy(cfg.to_dict()))  # lists of groups are not shared
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -19,12 +20,54 @@ log = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """Start ``jax.distributed`` when several processes are asked for.
+# Environment variables JAX 0.10's cluster detectors (jax/_src/clusters/) read. SLURM: one process per
+# task, the coordinator on the step's first node, each process sees the device numbered by its local
+# task id. Open MPI: mpirun's URI names the coordinator host.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+OMPI_VARS = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")
+TPU_HOSTS_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 
-    Values come from the arguments or from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-    ``JAX_PROCESS_ID``. With none of them (one process) this does nothing.
+
+def _tpu_chips() -> int:
+    """TPU chips on this host (JAX's own PCI scan; 0 where it is unavailable)."""
+    try:
+        from jax._src import hardware_utils
+
+        return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+    except Exception:  # noqa: BLE001 - a private helper; without it, no TPU detection
+        return 0
+
+
+def detect_cluster(environ=None, tpu_chips=None) -> str | None:
+    """The multi-process cluster this process runs in, as JAX's auto-detection would find it
+    (``jax.distributed.initialize()`` without arguments), or ``None``.
+
+    ``"slurm"``: inside an ``srun`` step of more than one task; ``"ompi"``: started by Open MPI's
+    ``mpirun``/``mpiexec``; ``"tpu"``: a Cloud TPU VM (TPU chips on the PCI bus, or GKE's TPU worker
+    list of more than one host). One-task SLURM steps and single-host runs are not clusters.
+    """
+    env = os.environ if environ is None else environ
+    if all(v in env for v in SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if all(v in env for v in OMPI_VARS) and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
+        return "ompi"
+    hosts = next((env[v] for v in TPU_HOSTS_VARS if env.get(v)), "")
+    if len(hosts.split(",")) > 1:
+        return "tpu"
+    if (_tpu_chips() if tpu_chips is None else tpu_chips) > 0:
+        return "tpu"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = True) -> str | None:
+    """Start ``jax.distributed`` when several processes are asked for; returns how (``"explicit"``, the
+    detected cluster's name, or ``None`` for a single process).
+
+    Explicit values come from the arguments or from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``. Without any of them and with ``auto``, a cluster that JAX detects by itself
+    (``detect_cluster``: SLURM, Open MPI, Cloud TPU) is initialised with JAX's auto-detection. With
+    neither (one process) this does nothing.
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
@@ -32,7 +75,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if not coordinator and not num_processes:
-        return
+        cluster = detect_cluster() if auto else None
+        if cluster is None:
+            return None
+        jax.distributed.initialize()
+        # one line per process on stderr: which cluster JAX found and who this process is
+        print(f"jax.distributed ({cluster}, auto-detected): process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} local / {jax.device_count()} global devices", file=sys.stderr, flush=True)
+        return cluster
     if not coordinator or num_processes is None or process_id is None:
         raise ValueError("multi-process training needs all of coordinator address, number of processes and "
                          f"process id; got coordinator={coordinator!r}, num_processes={num_processes!r}, "
@@ -43,6 +93,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                process_id=process_id)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", process_id,
              num_processes, jax.local_device_count(), jax.device_count())
+    return "explicit"
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

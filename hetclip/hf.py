@@ -22,6 +22,12 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+# transformers advises "PyTorch was not found. Models won't be available ..." when imported without
+# torch. hetclip uses only its configs and tokenizers, never its PyTorch models, so the advice does not
+# apply to a base install; TRANSFORMERS_NO_ADVISORY_WARNINGS is transformers' own switch for such advice
+# (``logger.warning_advice``; its real warnings still print). A value the user set is kept.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 log = logging.getLogger(__name__)
 
 LN_EPS = 1e-5

@@ -18,7 +18,8 @@ import numpy as np
 
 from hetclip import noise as noise_lib
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
-from hetclip.towers import Dense, TextConfig, TextTransformer, VisionConfig, VisionTransformer, compute_dtype
+from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
+                            VisionTransformer, compute_dtype)
 
 LOSS_KINDS = ("softmax", "sigmoid")
 SIGLIP_BIAS_INIT = -10.0
@@ -35,6 +36,7 @@ class ModelConfig:
     loss: str = "softmax"
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
 
     def __post_init__(self):
         if self.embed_dim < 1:
@@ -42,6 +44,9 @@ class ModelConfig:
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"ModelConfig: loss={self.loss!r} is not supported; choose one of {LOSS_KINDS}")
         compute_dtype(self.dtype)
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"ModelConfig: attention={self.attention!r} is not supported; choose one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         for name, cls in _NESTED.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"ModelConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
@@ -143,10 +148,10 @@ class DualEncoder(nn.Module):
     def setup(self):
         c = self.config
         dt = compute_dtype(c.dtype)
-        self.vision_model = VisionTransformer(c.vision, dtype=dt, remat=c.remat)
+        self.vision_model = VisionTransformer(c.vision, dtype=dt, remat=c.remat, attention=c.attention)
         self.visual_projection = Dense(c.embed_dim, use_bias=False, dtype=dt,
                                        kernel_init=nn.initializers.normal(c.vision.width ** -0.5))
-        self.text_model = TextTransformer(c.text, dtype=dt, remat=c.remat)
+        self.text_model = TextTransformer(c.text, dtype=dt, remat=c.remat, attention=c.attention)
         self.text_projection = Dense(c.embed_dim, use_bias=False, dtype=dt,
                                      kernel_init=nn.initializers.normal(c.text.width ** -0.5))
         self.temperature = Temperature(c.temperature)

@@ -159,12 +159,25 @@ def _mm_bf16_bwd(res, ct):
 _mm_bf16.defvjp(_mm_bf16_fwd, _mm_bf16_bwd)
 
 
+def cpu_matmul_rule() -> bool:
+    """Whether bf16 matmuls use the CPU rule (``_mm_bf16``: fp32 output, bf16 backward matmuls via a
+    custom VJP). It was measured on CPUs only (bench/throughput.py), so it applies where JAX's
+    default backend is the CPU; on GPUs and TPUs the matmul is the plain bf16 dot every Flax model
+    uses there (bf16 output, accumulated in fp32 by the matmul unit, differentiated by JAX)."""
+    return jax.default_backend() == "cpu"
+
+
 def mm(x, kernel, dtype):
     """``x [..., in] @ kernel [in, out]`` with fp32 output. With ``dtype=bfloat16`` the inputs are
-    cast to bf16 and accumulated in fp32, forward and backward (fast on CPUs with AMX or AVX-512 BF16)."""
+    cast to bf16 and the backward matmuls take bf16 inputs too: on CPU through ``_mm_bf16`` (fp32
+    accumulation and output), elsewhere through a bf16 dot whose result is cast to fp32."""
+    contract = ((x.ndim - 1,), (0,))
     if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
-        return _mm_bf16(x, kernel)
-    return _dot(x.astype(dtype), kernel.astype(dtype), ((x.ndim - 1,), (0,)))
+        if cpu_matmul_rule():
+            return _mm_bf16(x, kernel)
+        xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+        return jax.lax.dot_general(xb, kb, (contract, ((), ()))).astype(jnp.float32)
+    return _dot(x.astype(dtype), kernel.astype(dtype), contract)
 
 
 class Dense(nn.Module):
@@ -189,13 +202,57 @@ def layer_norm(name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(name: str, dtype) -> str | None:
+    """``ModelConfig.attention`` -> ``"heads_major"`` (``heads_major_attention``) or the
+    ``implementation`` argument of ``jax.nn.dot_product_attention``.
+
+    ``"auto"``: on CPU ``heads_major_attention`` (measured faster there: bench/bench_attention.py),
+    elsewhere JAX's choice (``None``: XLA's attention today); ``"xla"``: ``dot_product_attention``
+    with XLA's implementation on any backend; ``"cudnn"``: cuDNN's fused (flash) attention, NVIDIA
+    GPUs only, with bf16 compute."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={name!r} is not supported; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if name == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"attention='cudnn' needs an NVIDIA GPU; JAX's backend is "
+                             f"{jax.default_backend()!r} (use attention='auto')")
+        if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+            raise ValueError(f"attention='cudnn' needs dtype='bfloat16' (or 'auto' on a GPU), got {jnp.dtype(dtype).name}")
+    if name == "auto":
+        return "heads_major" if jax.default_backend() == "cpu" else None
+    return name
+
+
+def heads_major_attention(q, k, v, *, causal: bool, dtype):
+    """Softmax attention of ``q, k, v [b, t, heads, hd]`` computed in the ``[b, heads, t, hd]`` layout:
+    XLA:CPU's batched dots are faster with the batch dimensions leading. ``q`` is scaled by
+    ``hd^-0.5`` before the logits matmul; logits and softmax in fp32, both matmuls accumulate in
+    fp32 from ``dtype`` operands. Returns ``[b, t, heads, hd]`` fp32."""
+    hd = q.shape[-1]
+    q, k, v = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", (q * hd ** -0.5).astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if causal:
+        t = logits.shape[-1]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), dtype=bool))[None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    ctx = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+    return ctx.transpose(0, 2, 1, 3)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (with bias), scale head_dim^-0.5."""
+    """Multi-head self-attention with separate q/k/v/out projections (with bias), scale head_dim^-0.5;
+    ``attention`` picks the kernel (``attention_implementation``): ``heads_major_attention`` or
+    ``jax.nn.dot_product_attention`` (XLA or cuDNN)."""
     width: int
     heads: int
     layers: int
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -204,24 +261,23 @@ class SelfAttention(nn.Module):
         attn_std = self.width ** -0.5
         out_std = attn_std * (2 * self.layers) ** -0.5
         init = nn.initializers.normal(attn_std)
+        implementation = attention_implementation(self.attention, self.dtype)
 
-        def heads_major(y):  # [b, t, W] -> [b, heads, t, hd]
-            return y.reshape(b, t, self.heads, hd).transpose(0, 2, 1, 3)
+        def split_heads(y):  # [b, t, W] -> [b, t, heads, hd]
+            return y.reshape(b, t, self.heads, hd)
 
-        # Attention runs in the [b, heads, t, hd] layout: XLA:CPU's batched dots are about twice as
-        # fast with the batch dimensions leading as with "bqhd,bkhd" operands (bench/README.md).
-        q = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="q_proj")(x))
-        k = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="k_proj")(x))
-        v = heads_major(Dense(self.width, dtype=self.dtype, kernel_init=init, name="v_proj")(x))
-        logits = jnp.einsum("bhqd,bhkd->bhqk", (q * hd ** -0.5).astype(self.dtype), k.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        if self.causal:
-            mask = jnp.tril(jnp.ones((t, t), dtype=bool))
-            logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), v.astype(self.dtype),
-                         preferred_element_type=jnp.float32)
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, self.width)
+        q = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="q_proj")(x))
+        k = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="k_proj")(x))
+        v = split_heads(Dense(self.width, dtype=self.dtype, kernel_init=init, name="v_proj")(x))
+        if implementation == "heads_major":
+            ctx = heads_major_attention(q, k, v, causal=self.causal, dtype=self.dtype)
+        else:
+            # fp32 logits and softmax (bf16 operands accumulate in fp32), probabilities cast to the
+            # compute dtype for the second matmul
+            ctx = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                               scale=hd ** -0.5, is_causal=self.causal,
+                                               implementation=implementation)
+        ctx = ctx.reshape(b, t, self.width).astype(jnp.float32)
         return Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
                      name="out_proj")(ctx)
 
@@ -251,10 +307,11 @@ class EncoderLayer(nn.Module):
     activation: str
     causal: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
-        x = x + SelfAttention(self.width, self.heads, self.layers, self.causal, self.dtype,
+        x = x + SelfAttention(self.width, self.heads, self.layers, self.causal, self.dtype, self.attention,
                               name="self_attn")(layer_norm("layer_norm1")(x))
         x = x + MLP(self.width, self.mlp_dim, self.layers, self.activation, self.dtype,
                     name="mlp")(layer_norm("layer_norm2")(x))
@@ -271,13 +328,14 @@ class Encoder(nn.Module):
     causal: bool = False
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.layers):
             x = layer_cls(self.width, self.heads, self.mlp_dim, self.layers, self.activation,
-                          self.causal, self.dtype, name=f"layers_{i}")(x)
+                          self.causal, self.dtype, self.attention, name=f"layers_{i}")(x)
         return x
 
 
@@ -323,6 +381,7 @@ class VisionTransformer(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images):
@@ -333,7 +392,7 @@ class VisionTransformer(nn.Module):
         x = VisionEmbeddings(c, self.dtype, name="embeddings")(images.astype(jnp.float32))
         x = layer_norm("pre_layrnorm")(x)
         x = Encoder(c.width, c.heads, c.mlp_dim, c.layers, c.activation, False, self.dtype, self.remat,
-                    name="encoder")(x)
+                    self.attention, name="encoder")(x)
         return layer_norm("post_layernorm")(x[:, 0])
 
 
@@ -364,6 +423,7 @@ class TextTransformer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens, return_hidden: bool = False):
@@ -373,7 +433,7 @@ class TextTransformer(nn.Module):
                              f"got {tuple(tokens.shape)}")
         x = TextEmbeddings(c, name="embeddings")(tokens)
         x = Encoder(c.width, c.heads, c.mlp_dim, c.layers, c.activation, True, self.dtype, self.remat,
-                    name="encoder")(x)
+                    self.attention, name="encoder")(x)
         x = layer_norm("final_layer_norm")(x)
         idx = first_eos_index(tokens, c.eos_token_id)
         pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]

@@ -775,15 +775,17 @@ def parse(argv: list[str]):
     spec, overrides, rest = config_lib.split_argv(argv)
     parser = argparse.ArgumentParser(prog="hetclip-train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="--config FILE|RECIPE (required) and --config.KEY=VALUE overrides. "
-                                            f"Recipes: {', '.join(config_lib.available_recipes())}")
+                                     epilog=config_lib.help_epilog())
     parser.add_argument("--workdir", help="run directory (default: runs/<recipe>)")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume a work directory even though its saved config differs")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    parser.add_argument("--coordinator", help="multi-process: coordinator address host:port")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--coordinator", help="multi-process: coordinator address host:port (default: JAX's "
+                        "auto-detection under SLURM, Open MPI or on Cloud TPU VMs)")
+    parser.add_argument("--num-processes", type=int, help="multi-process: number of processes (with --coordinator)")
+    parser.add_argument("--process-id", type=int, help="multi-process: this process's id 0..N-1 (with --coordinator)")
+    parser.add_argument("--no-cluster-detection", action="store_true",
+                        help="run as one process even inside a SLURM step, mpirun or a TPU pod")
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(rest)
@@ -806,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg, workdir, args = parse(argv)
-        dist.initialize(args.coordinator, args.num_processes, args.process_id)
+        dist.initialize(args.coordinator, args.num_processes, args.process_id, auto=not args.no_cluster_detection)
         summary = train(cfg, workdir, allow_config_change=args.allow_config_change, progress=not args.no_progress,
                         max_steps=args.max_steps)
         if "stopped_by_signal" in summary:

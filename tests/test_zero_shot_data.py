@@ -246,9 +246,11 @@ def test_cli_main_writes_json(tmp_path, monkeypatch, capsys):
                   "--batch-size", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c")])
     printed = capsys.readouterr().out
     assert "top1" in printed and "1.0000" in printed
-    res = json.loads(out.read_text())
+    rec = json.loads(out.read_text())
+    assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "colours"
+    assert rec["metrics"]["acc1"] == 1.0 and rec["metrics"]["num_images"] == 6
+    res = rec["hetclip"]
     assert res["checkpoint"] == "/ck/fake" and res["step"] == 1
-    assert res["metrics"]["top1"] == 1.0 and res["metrics"]["num_images"] == 6
     assert res["dataset"]["root"] == str(root) and res["dataset"]["images_skipped"] == 1
     assert res["preprocess"]["image_size"] == 16 and res["preprocess"]["crop"] == "center"
     assert res["text"]["tokenizer"] == ColourTokenizer().spec() and res["text"]["context_length"] == 12

@@ -6,9 +6,11 @@ Examples::
     hetclip-zero-shot --checkpoint runs/b32 --data /data/cifar10_wds --templates clip7 --mc-samples 32
     hetclip-retrieval --checkpoint runs/b32 --data '/data/flickr30k/test/{0..4}.tar'
 
-Results JSON echoes everything that changes the number: checkpoint and step, dataset and its layout,
-resolution/crop and normalisation, tokenizer spec and context length, lower-casing/canonicalisation,
-template set, class count, number of images evaluated and skipped.
+``--out`` writes CLIP_benchmark's results layout (``report.py``: ``dataset``, ``model``, ``pretrained``,
+``task``, ``metrics`` under its key names, plus ours); its ``hetclip`` part echoes everything that changes
+the number: checkpoint and step, dataset and its layout, resolution/crop and normalisation, tokenizer
+spec and context length, lower-casing/canonicalisation, template set, class count, number of images
+evaluated and skipped. ``--plot DIR`` draws the reliability diagram (``plots.py``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 
 from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot import report
 from hetclip.zero_shot.classifier import build_classifier, classifier_info
 from hetclip.zero_shot.evaluate import evaluate_retrieval, evaluate_zero_shot
 from hetclip.zero_shot.templates import TEMPLATE_SETS, load_classnames, load_templates
@@ -69,7 +72,8 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
 
     ``classnames``: a list, a file, ``"imagenet"``, or ``None`` (dataset's own: folder names or
     ``classnames.txt``). ``templates``: a list or a set name / file (``clip80``, ``clip7``, ``bare``).
-    Returns ``{"metrics": {...}, "dataset": {...}, "preprocess": {...}, "text": {...}, ...}``.
+    Returns ``{"metrics": {...}, "dataset": {...}, "preprocess": {...}, "text": {...}, "reliability": {...},
+    ...}`` (``reliability``: the diagrams of ``evaluate_zero_shot``).
     """
     source = _source(dataset_dir, classnames, imagenet)
     names = source.classnames
@@ -85,11 +89,12 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
         total = limit
     bar = _progress(total, "zero-shot", progress)
     sampler = getattr(encoders, "image_samples", None) if mc_samples > 0 else None
+    reliability: Dict[str, Any] = {}
     try:
         metrics = evaluate_zero_shot(encoders.image_embeddings, weights, batches, _logit_scale(encoders),
                                      sample_image=sampler, mc_samples=mc_samples,
                                      key=jax.random.PRNGKey(seed), batch_size=batch_size, shard=shard,
-                                     progress=bar)
+                                     progress=bar, reliability=reliability)
     finally:
         if bar is not None:
             bar.close()
@@ -108,6 +113,7 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
         "text": text,
         "logit_scale": _logit_scale(encoders),
         "mc_samples": int(mc_samples), "seed": int(seed), "batch_size": int(batch_size),
+        "reliability": reliability,
     }
 
 
@@ -181,10 +187,22 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
-    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--out", default=None, help="write results JSON here, in CLIP_benchmark's layout; may hold its "
+                   "placeholders {dataset} {model} {pretrained} {task} {language}")
+    p.add_argument("--dataset-name", default=None, help="dataset name in the results (default: imagenet1k for "
+                   "--imagenet, else the data directory's name)")
     p.add_argument("--no-shard", action="store_true", help="do not shard batches over devices")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _check_out(template: Optional[str]) -> None:
+    """A bad ``--out`` placeholder fails before the evaluation, not after it."""
+    if template:
+        try:
+            report.output_path(template, {k: "x" for k in report.PLACEHOLDERS})
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
 
 
 def _positive(name: str, value: Optional[int]) -> None:
@@ -215,7 +233,17 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default=None, help="cache classifier weights here")
+    p.add_argument("--plot", metavar="DIR", default=None, help="write a reliability diagram (PNG) here; needs "
+                   "the plot extra: pip install 'hetclip[plot]'")
     args = p.parse_args(argv)
+    _check_out(args.out)
+    if args.plot:
+        from hetclip.zero_shot.plots import PlotUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()  # before any work
+        except PlotUnavailable as e:
+            raise SystemExit(f"error: {e}") from None
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
     if args.mc_samples < 0:
@@ -238,8 +266,22 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     print(_table(dict(dataset=args.imagenet or args.data, images=result["dataset"]["images_evaluated"],
                       templates=args.templates, **result["metrics"])))
-    _write_json(args.out, result)
+    name = args.dataset_name or report.dataset_name(args.imagenet or args.data, bool(args.imagenet))
+    _write_record(args.out, result, report.CLASSIFICATION, name, ck)
+    if args.plot:
+        from hetclip.zero_shot.plots import write_reliability_plot
+
+        print(f"reliability diagram: {write_reliability_plot(result, args.plot, name)}")
     return result
+
+
+def _write_record(template: Optional[str], result: Dict[str, Any], task: str, dataset: str, ck: Dict[str, Any]):
+    if not template:
+        return
+    model = report.model_name(getattr(ck["encoders"], "config", None))
+    rec = report.record(result, task=task, dataset=dataset, model=model,
+                        pretrained=report.pretrained_tag(ck["info"], ck.get("model_id")))
+    _write_json(report.output_path(template, rec), rec)
 
 
 def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, batch_size: int = 64,
@@ -285,6 +327,7 @@ def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
     args = p.parse_args(argv)
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
+    _check_out(args.out)
     ck = load_checkpoint(args.checkpoint, args.step)
     result = run_retrieval(ck["encoders"], ck["tokenizer"], args.data, ck["image_size"],
                            batch_size=args.batch_size, text_batch_size=args.text_batch_size, limit=args.limit,
@@ -294,7 +337,7 @@ def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
     result["command"] = "hetclip-retrieval"
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     print(_table(dict(data=args.data, **result["metrics"])))
-    _write_json(args.out, result)
+    _write_record(args.out, result, report.RETRIEVAL, args.dataset_name or report.dataset_name(args.data), ck)
     return result
 
 

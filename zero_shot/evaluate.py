@@ -89,13 +89,16 @@ def _batch_parts(batch):
 def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, logit_scale: float, *,
                        sample_image: Optional[Callable] = None, mc_samples: int = 0, key=None,
                        batch_size: Optional[int] = None, shard: Optional[bool] = None,
-                       progress=None, topk: Sequence[int] = (1, 5)) -> Dict[str, float]:
+                       progress=None, topk: Sequence[int] = (1, 5), reliability: Optional[dict] = None
+                       ) -> Dict[str, float]:
     """Metrics over ``batches`` of ``(images, labels)`` (or dicts with ``image``/``label``).
 
     ``classifier`` is ``[C, D]`` with unit rows. With ``batch_size`` given, encoders are wrapped in
     ``BatchedEncoder`` (fixed shapes, sharding); otherwise they are called on each batch as is.
     Returns ``top1``, ``top5``, ``mean_per_class_recall``, ``nll``, ``ece`` (deterministic) and, with
     ``mc_samples > 0``, the same keys prefixed ``mc_``; plus ``num_images`` and ``images_per_second``.
+    A ``reliability`` dict is filled with the reliability diagrams (``ClassificationMeter.reliability``)
+    under ``"deterministic"`` and, with MC samples, ``"mc"``.
     """
     weights = jnp.asarray(classifier, jnp.float32)
     num_classes = int(weights.shape[0])
@@ -133,6 +136,10 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
     if mc is not None:
         out.update(mc.result(prefix="mc_"))
         out["mc_samples"] = int(mc_samples)
+    if reliability is not None:
+        reliability["deterministic"] = det.reliability()
+        if mc is not None:
+            reliability["mc"] = mc.reliability()
     out["num_images"] = seen
     out["images_per_second"] = seen / elapsed if elapsed > 0 else float("nan")
     return out

@@ -86,6 +86,18 @@ class ClassificationMeter:
         np.add.at(self.bin_correct, b, correct.astype(np.float64))
         self.count += n
 
+    def reliability(self) -> Dict[str, list]:
+        """The ECE bins as a reliability diagram: per bin its ``lower``/``upper`` confidence edge, the number
+        of examples ``count``, their mean confidence ``confidence`` and accuracy ``accuracy`` (``None`` for
+        an empty bin). ``Σ count/N · |accuracy − confidence|`` is the ECE of ``result``."""
+        filled = self.bin_count > 0
+        safe = np.maximum(self.bin_count, 1)
+        return {"lower": [b / self.num_bins for b in range(self.num_bins)],
+                "upper": [(b + 1) / self.num_bins for b in range(self.num_bins)],
+                "count": self.bin_count.tolist(),
+                "confidence": [float(c) if f else None for c, f in zip(self.bin_conf / safe, filled)],
+                "accuracy": [float(a) if f else None for a, f in zip(self.bin_correct / safe, filled)]}
+
     def result(self, prefix: str = "") -> Dict[str, float]:
         if self.count == 0:
             raise ValueError("no examples were evaluated")
