@@ -20,7 +20,8 @@ from hetclip.allocator import reexec_with_mimalloc
 
 def is_expected(e: BaseException) -> bool:
     """Errors a user can act on: bad values and files (ValueError, OSError) and hetclip's own error types."""
-    return isinstance(e, (ValueError, OSError)) or type(e).__module__.split(".")[0] == "hetclip"
+    # a hetclip module run as ``python -m`` defines its errors in ``__main__``
+    return isinstance(e, (ValueError, OSError)) or type(e).__module__.split(".")[0] in ("hetclip", "__main__")
 
 
 def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> int:

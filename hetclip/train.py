@@ -498,7 +498,7 @@ def guarded(step_fn):
     """
     def step(state, guard, batch, key):
         new_state, metrics = step_fn(state, batch, key)
-        values = jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in GUARDED])
+        values = jnp.stack([jnp.asarray(metrics.get(k, 0.0), jnp.float32) for k in GUARDED])
         first = (guard["step"] == 0) & ~jnp.all(jnp.isfinite(values))
         guard = {"step": jnp.where(first, new_state["step"], guard["step"]),
                  "values": jnp.where(first, values, guard["values"])}

@@ -42,7 +42,7 @@ def get_config(arg=""):
     c.eval.update(at_end=False, batch_size=16)
     c.demo.update(enabled=True, dir={demo!r},
                   params=dict(num_train=96, shard_size=48, image_size=16, eval_per_class=2, eval_per_combo=1,
-                              vocab_size=400, context_length=16))
+                              vocab_size=600, context_length=16))
     return c
 """
 
@@ -105,7 +105,7 @@ def test_moved_run_works_from_another_directory_and_commands_exit_0(trained, tmp
                  "--out", "zs.json", cwd=cwd)
     assert zs.returncode == 0, zs.stderr[-3000:]
     assert "top1" in zs.stdout and "'metrics'" not in zs.stderr
-    assert json.loads((cwd / "zs.json").read_text())["step"] == step
+    assert "acc1" in json.loads((cwd / "zs.json").read_text())["metrics"]
     rt = command("hetclip-retrieval", "--checkpoint", str(moved), "--data",
                  str(trained["demo"] / "train" / "00000.tar"), "--limit", "16", "--no-progress", cwd=cwd)
     assert rt.returncode == 0, rt.stderr[-3000:]

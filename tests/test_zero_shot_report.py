@@ -32,7 +32,7 @@ def test_zero_shot_out_is_a_clip_benchmark_record(tmp_path, monkeypatch):
     cfg = preset("tiny", het={"enabled": True})
     monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint(cfg=cfg))
     out = tmp_path / "res" / "{dataset}_{pretrained}_{model}_{language}_{task}.json"
-    result = cli.main(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
+    result = cli.run(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
                        "--mc-samples", "2", "--out", str(out), "--no-progress"])
     files = list((tmp_path / "res").iterdir())
     assert [f.name for f in files] == ["colours__ck_run@7_hetclip-tiny-HET-XL_en_zeroshot_classification.json"]
@@ -60,7 +60,7 @@ def test_retrieval_out_uses_clip_benchmark_directions(tmp_path, monkeypatch):
     write_tar(d / "0.tar", samples)
     monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint())
     out = tmp_path / "ret.json"
-    result = cli.retrieval_main(["--checkpoint", "/ck/run", "--data", str(d / "0.tar"), "--batch-size", "2",
+    result = cli.retrieval_run(["--checkpoint", "/ck/run", "--data", str(d / "0.tar"), "--batch-size", "2",
                                  "--out", str(out), "--no-progress"])
     rec = json.loads(out.read_text())
     assert CB_RECORD_KEYS <= set(rec) and rec["task"] == "zeroshot_retrieval" and rec["dataset"] == "flickr"
@@ -145,7 +145,7 @@ def test_reliability_diagram_draws_the_bins():
 def test_zero_shot_plot_writes_a_png_per_task(tmp_path, monkeypatch):
     root = colour_tree(tmp_path / "colours", per_class=2)
     monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint())
-    result = cli.main(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
+    result = cli.run(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
                        "--mc-samples", "2", "--plot", str(tmp_path / "plots"), "--no-progress"])
     png = tmp_path / "plots" / "reliability_colours.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
