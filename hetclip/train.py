@@ -611,6 +611,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     bar = metrics_lib.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)
+    logit_scale = jax.jit(lambda p: DualEncoder(run.model_cfg).apply({"params": p}, method=DualEncoder.logit_scale))
 
     def check():
         """Read the device-side guard (a few bytes): raise naming the first non-finite step."""
@@ -618,6 +619,10 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
 
     def save(step):
         check()  # nothing non-finite is ever saved
+        scale = float(jax.device_get(logit_scale(state["params"])))
+        if not (math.isfinite(scale) and scale > 0):  # the metrics saw the parameters before this step's update
+            raise TrainingError(f"refusing to save step {step}: the temperature is not finite (logit scale {scale}); "
+                                "the last good checkpoint is untouched; lower the learning rate")
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], rng=rng,
                   data_state=data_pos, meta=meta)
 
