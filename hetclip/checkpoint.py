@@ -249,15 +249,18 @@ class _StepReader:
     def json(self, item: str) -> dict:
         return self._restore(item, ocp.args.JsonRestore())
 
-    def layout(self, item: str) -> dict[str, tuple[tuple[int, ...], str]]:
-        """``{tensor path: (shape, dtype)}`` from the item's own metadata."""
+    def _metadata_tree(self, item: str):
+        """The item's own tree of array metadata (shape, dtype)."""
         try:
             metadata = ocp.StandardCheckpointer().metadata(self.path(item))
         except Exception as e:  # noqa: BLE001
             raise self._fail(item, e) from e
         tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return getattr(tree, "tree", tree)
+
+    def layout(self, item: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``{tensor path: (shape, dtype)}`` from the item's own metadata."""
+        flat = jax.tree_util.tree_flatten_with_path(self._metadata_tree(item))[0]
         return {_path_name(p): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in flat}
 
     def check_layout(self, item: str, abstract) -> None:
@@ -273,13 +276,8 @@ class _StepReader:
                              f"than this config: " + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
 
     def abstract_from_layout(self, item: str, sharding) -> Any:
-        try:
-            metadata = ocp.StandardCheckpointer().metadata(self.path(item))
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(item, e) from e
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                            self._metadata_tree(item))
 
     def arrays(self, item: str, abstract):
         return self._restore(item, ocp.args.StandardRestore(abstract))
