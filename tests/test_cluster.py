@@ -74,10 +74,11 @@ def test_two_processes_find_each_other_through_slurm_detection():
         env.update(SLURM, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), JAX_COORDINATOR_PORT=str(port),
                    XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
         procs.append(subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    results = sorted(next(ln for ln in o.splitlines() if ln.startswith("RESULT")).split()[1:] for o in outs)
+                                      stderr=subprocess.PIPE, text=True))
+    # stdout apart from stderr: native log lines on stderr may interleave with the RESULT line byte by byte
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join((o + e)[-3000:] for o, e in outs)
+    results = sorted([ln for ln in o.splitlines() if ln.startswith("RESULT")][0].split()[1:] for o, _ in outs)
     # both processes: detected SLURM, ranks 0 and 1 of 2, 4 global devices, allgather saw both (1 + 2)
     assert results == [["slurm", "0", "2", "4", "3"], ["slurm", "1", "2", "4", "3"]]
 

@@ -103,11 +103,18 @@ def data_workers(pid):
     """Pids of the data-worker processes among ``pid``'s children (Linux /proc)."""
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            for child in f.read().split():
+        try:     # threads (XLA's, orbax's) and children come and go while we read
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            try:
                 with open(f"/proc/{child}/cmdline", "rb") as c:
                     if b"hetclip.data.workers" in c.read():
                         out.append(int(child))
+            except FileNotFoundError:
+                continue
     return out
 
 
