@@ -5,10 +5,11 @@ the per-sample work (shard reading, shuffle buffer, decode, augment, tokenise) a
 batches in shared memory; batches depend on the number of workers; ``state()`` resumes exactly.
 A sample's augmentation randomness is ``hash(seed, process, [worker], position in its stream)``.
 
-Evaluation: ``make_eval_loader`` builds a ``Loader``: the main process reads the files or shards in
-a fixed order; ``num_workers`` processes (multiprocessing, ``spawn``) decode chunks of samples;
-results are re-ordered, so batches do not depend on the number of workers. Evaluation loaders are
-read once (no ``state()``).
+Evaluation: ``make_eval_loader(items, ...)`` builds a ``Loader`` over work items from an evaluation
+source (``hetclip.zero_shot.datasets``: class folders, ``.cls`` shards, retrieval shards): the main
+process walks the items in a fixed order; ``num_workers`` processes (multiprocessing, ``spawn``) read
+and decode chunks of them; results are re-ordered, so batches do not depend on the number of workers.
+Evaluation loaders are read once (no ``state()``).
 
 Bad input: a sample without image or caption, with an empty caption, an undecodable image, an
 image over the pixel limit or in an unconvertible mode is skipped; so is the rest of a truncated or
@@ -36,8 +37,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import decode
-from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, \
-    expand_pattern, hash_words, iter_shard, parse_sources, ShardReadError
+from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, hash_words, \
+    parse_sources
 
 LOADER_STATE_VERSION = 1  # the single-stream state format (``workers.TrainLoader`` still reads it)
 
@@ -62,9 +63,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warn_limit": 20,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
-    "source": None,             # ImageFolder directory or .cls shard pattern
     "image_size": 224,
-    "label_key": "cls",
+    "resize_size": None,        # shortest side before the centre crop (default: image_size)
+    "limit": None,              # stop after this many usable images
     "max_pixels": decode.DEFAULT_MAX_PIXELS,
     "background": decode.WHITE,
     "max_bad_fraction": 0.01,
@@ -74,7 +75,6 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "start_method": "spawn",
     "warn_limit": 20,
 }
-FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class BadSampleWarning(UserWarning):
@@ -176,11 +176,16 @@ def _process(cfg: dict, item: tuple) -> tuple:
             if image is None:
                 return ("bad", "missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
             target = extra
-            arr = decode.eval_transform_uint8(image, cfg["image_size"], max_pixels=cfg["max_pixels"],
-                                              background=cfg["background"])
+            if isinstance(image, str):  # a class folder's file: read here, in the worker
+                with open(image, "rb") as f:
+                    image = f.read()
+            arr = decode.eval_transform_uint8(image, cfg["image_size"], resize_size=cfg["resize_size"],
+                                              max_pixels=cfg["max_pixels"], background=cfg["background"])
         return ("ok", arr, target)
     except decode.DecodeError as e:
         return ("bad", e.reason, str(e))
+    except OSError as e:  # a file of a class folder that cannot be read
+        return ("bad", "unreadable_file", f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - one bad sample must not kill the run
         return ("bad", "error", f"{type(e).__name__}: {e}")
 
@@ -305,9 +310,29 @@ class Ledger:
             raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
 
 
-class Loader:
-    """Evaluation batches ``{"image": float32, "label": int32}`` in item order, with ``stats()`` and
-    ``close()`` (also a context manager); the last batch may be smaller. Built by ``make_eval_loader``.
+class Closing:
+    """``close()`` on leaving a ``with`` block and on garbage collection (loaders own processes)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class Loader(Closing):
+    """Evaluation batches in item order: ``{"image": uint8 [b, S, S, 3], "label": int32 [b]}`` (or, when
+    the targets are not integers, e.g. retrieval captions, ``"label"`` is a list). The last batch may be
+    smaller. ``stats()`` and ``close()`` (also a context manager). Built by ``make_eval_loader``.
     """
 
     def __init__(self, *, items: Iterator, cfg: dict, batch_size: int, num_workers: int,
@@ -318,6 +343,7 @@ class Loader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self._items, self._cfg = items, cfg
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._limit = None if cfg.get("limit") is None else int(cfg["limit"])
         self._closers = list(closers)
         self._stats = Ledger(cfg)
         self._wait = 0.0
@@ -384,7 +410,7 @@ class Loader:
         for m in meta:
             if m[0] == "fail":
                 f = m[1]
-                entry = ("bad", f.reason, f.url, None, f.detail)
+                entry = ("bad", f.reason, f.url, f.key, f.detail)
             else:
                 r = next(res)
                 if r[0] == "ok":
@@ -394,21 +420,25 @@ class Loader:
                     entry = ("bad", r[1], m[2], m[1], r[2])
             self._pending.append(entry)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, Any]:
         if self._closed:
             raise RuntimeError("loader is closed")
-        while self._pending_ok < self.batch_size:
+        want = self.batch_size
+        if self._limit is not None:
+            want = min(want, self._limit - self._stats.samples_ok)
+        while want > 0 and self._pending_ok < want:
             self._fill()
             if not self._inflight:
                 break
             self._collect()
-        if self._pending_ok == 0:
-            while self._pending:  # account for trailing bad samples
+        if want <= 0 or self._pending_ok == 0:
+            while want > 0 and self._pending:  # account for trailing bad samples
                 self._commit(self._pending.popleft())
             self._check_bad(final=True)
+            self.close()
             raise StopIteration
         images, targets = [], []
-        while len(images) < self.batch_size and self._pending_ok:
+        while len(images) < want and self._pending_ok:
             entry = self._pending.popleft()
             self._commit(entry)
             if entry[0] == "ok":
@@ -417,7 +447,10 @@ class Loader:
                 targets.append(entry[2])
         self._check_bad(final=False)
         self._stats.batches += 1
-        return {"image": decode.normalize(np.stack(images)), "label": np.asarray(targets, np.int32)}
+        labels: Any = targets
+        if all(isinstance(t, (int, np.integer)) for t in targets):
+            labels = np.asarray(targets, np.int32)
+        return {"image": np.stack(images), "label": labels}
 
     def _commit(self, entry: tuple) -> None:
         if entry[0] == "ok":
@@ -451,18 +484,6 @@ class Loader:
             c()
         self._pending.clear()
         self._inflight.clear()
-
-    def __enter__(self) -> "Loader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 # ----------------------------------------------------------------------------- train
@@ -520,94 +541,21 @@ def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, 
 
 # ----------------------------------------------------------------------------- eval
 
-def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """ImageFolder layout: one sub-directory per class, label = index in sorted folder order."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"evaluation folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise ValueError(f"evaluation folder {root!r} has no class sub-directories")
-    files = []
-    for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-            for n in sorted(names):
-                if n.lower().endswith(FOLDER_IMAGE_EXTS):
-                    files.append((os.path.join(dirpath, n), label))
-    if not files:
-        raise ValueError(f"evaluation folder {root!r} has no images ({', '.join(FOLDER_IMAGE_EXTS)})")
-    return files, classes
+def eval_item(key: str, where: str, image: bytes | str | None, target: Any) -> tuple:
+    """A work item for ``make_eval_loader``: ``image`` is encoded bytes or a file path (read by the worker),
+    ``where`` names the shard or file in messages, ``target`` is a label or captions."""
+    return ("eval", key, where, image, target, 0)
 
 
-def _folder_items(files: list[tuple[str, int]]) -> Iterator:
-    for path, label in files:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            yield ShardFailure(path, "unreadable_file", str(e))
-            continue
-        yield ("eval", os.path.basename(path), path, data, label, 0)
-
-
-def _shard_eval_items(urls: list[str], label_key: str) -> Iterator:
-    keep = set(IMAGE_EXTS) | {label_key}
-    for url in urls:
-        it = iter_shard(url, lambda e: e in keep)
-        try:
-            for s in it:
-                image = next((s[e] for e in IMAGE_EXTS if e in s), None)
-                raw = s.get(label_key)
-                try:
-                    label = int(raw.decode().strip()) if raw is not None else None
-                except ValueError:
-                    label = None
-                if label is None:
-                    yield ("eval", s["__key__"], url, None, -1, 0)  # reported as missing below
-                    continue
-                yield ("eval", s["__key__"], url, image, label, 0)
-        except ShardReadError as e:
-            yield ShardFailure(e.url, e.reason, e.detail)
-
-
-def make_eval_loader(spec: Any, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                     num_workers: int = 2, **overrides: Any) -> Loader:
-    """Evaluation loader: ImageFolder directory or ``KEY.cls`` shards (CLIP_benchmark layout).
-
-    Yields ``{"image": float32 [b, H, W, 3], "label": int32 [b]}`` in a fixed order (sorted files,
-    or shards in pattern order), the last batch possibly smaller. Each process reads a disjoint part
-    (every ``process_count``-th file or shard). ``loader.classnames`` holds the folder names or the
-    lines of ``classnames.txt`` beside the shards (None if absent).
-    """
-    cfg = resolve_spec(spec, EVAL_DEFAULTS, **overrides)
-    src = cfg["source"]
-    if not src:
-        raise ValueError("eval spec has no `source`")
-    if os.path.isdir(str(src)):
-        files, classes = list_image_folder(str(src))
-        items: Iterator = _folder_items(files[process_index::process_count])
-        classnames: list[str] | None = classes
-    else:
-        urls = expand_pattern(str(src))
-        if len(urls) < process_count:
-            raise ShardError(f"{len(urls)} eval shard(s) for {process_count} processes")
-        items = _shard_eval_items(urls[process_index::process_count], cfg["label_key"])
-        names = os.path.join(os.path.dirname(urls[0]), "classnames.txt")
-        classnames = None
-        if os.path.isfile(names):
-            with open(names, encoding="utf-8") as f:
-                classnames = [ln.strip() for ln in f if ln.strip()]
-    items = _eval_labels_checked(items)
-    wcfg = {"mode": "eval", "image_size": cfg["image_size"], "max_pixels": cfg["max_pixels"],
-            "background": cfg["background"]}
-    loader = Loader(items=items, cfg={**cfg, **wcfg}, batch_size=batch_size, num_workers=num_workers,
-                    closers=[getattr(items, "close", lambda: None)])
-    loader.classnames = classnames  # type: ignore[attr-defined]
-    return loader
-
-
-def _eval_labels_checked(items: Iterator) -> Iterator:
-    for it in items:
-        if not isinstance(it, ShardFailure) and it[4] == -1:
-            yield ShardFailure(it[2], "missing_label", f"sample {it[1]!r} has no valid label")
-            continue
-        yield it
+def make_eval_loader(items: Iterator, *, batch_size: int, num_workers: int = 2, **overrides: Any) -> Loader:
+    """Evaluation loader over ``items`` (``eval_item`` tuples and ``ShardFailure`` markers, in order);
+    settings: ``EVAL_DEFAULTS``. Yields uint8 images (normalise on the device, e.g.
+    ``hetclip.model.normalize_images``, or with ``decode.normalize``)."""
+    cfg = resolve_spec(None, EVAL_DEFAULTS, **overrides)
+    if cfg["resize_size"] is not None and int(cfg["resize_size"]) < int(cfg["image_size"]):
+        raise ValueError(f"resize_size {cfg['resize_size']} is smaller than the crop size {cfg['image_size']}")
+    if int(cfg["image_size"]) < 1:
+        raise ValueError(f"image_size must be >= 1, got {cfg['image_size']}")
+    items = iter(items)
+    return Loader(items=items, cfg={**cfg, "mode": "eval"}, batch_size=batch_size, num_workers=num_workers,
+                  closers=[getattr(items, "close", lambda: None)])

@@ -40,7 +40,9 @@ import braceexpand
 # ``webdataset`` is imported lazily (in ``iter_shard``): importing it costs seconds (it pulls in
 # torch when available), which decode workers and CLI start-up should not pay.
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Image file extensions, in the order a sample's image member is chosen (webdataset members and the
+# files of class folders alike).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "jpe", "bmp", "gif", "tif", "tiff", "ppm")
 STATE_VERSION = 1
 
 _MASK64 = (1 << 64) - 1
@@ -263,6 +265,11 @@ def _close_stream(f: Any) -> None:
         pass
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file or member name ends in one of ``IMAGE_EXTS`` (any case)."""
+    return os.path.splitext(name)[1][1:].lower() in IMAGE_EXTS
+
+
 def split_key(name: str) -> tuple[str, str] | None:
     """``dir/000001.seg.jpg`` -> (``dir/000001``, ``seg.jpg``): key up to the first dot of the basename."""
     slash = name.rfind("/")
@@ -328,11 +335,13 @@ def iter_shard(url: str, fields: Callable[[str], bool] | None = None) -> Iterato
 
 @dataclasses.dataclass
 class ShardFailure:
-    """Marker emitted by ``SampleStream`` (in stream order) when a shard could not be read to its end."""
+    """Marker emitted in stream order when a shard could not be read to its end (or, with ``key``, when
+    one sample is unusable before decoding, e.g. an evaluation sample without a label)."""
 
     url: str
     reason: str
     detail: str
+    key: str | None = None  # set when one sample, not the rest of a shard, is unusable
 
 
 class SampleStream:

@@ -29,7 +29,8 @@ import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
 from . import decode
-from .loader import extract_caption, list_image_folder
+from . import folders
+from .loader import extract_caption
 from .shards import IMAGE_EXTS, ShardError, ShardReadError, expand_pattern, iter_shard, read_sizes
 
 _KEEP_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -166,13 +167,13 @@ def from_captions(image_dir: str, captions: str, out: str, *, shard_size: int = 
 def from_folders(class_dir: str, out: str, *, shard_size: int = 10000,
                  classnames: str | None = None) -> tuple[int, list[str]]:
     """Write eval shards (``KEY.cls``) + ``classnames.txt`` from an ImageFolder tree."""
-    files, classes = list_image_folder(class_dir)
-    names = classes
+    tree = folders.scan(class_dir)
+    files, names = tree.files, tree.classes
     if classnames:
         with open(classnames, encoding="utf-8") as f:
             names = [ln.strip() for ln in f if ln.strip()]
-        if len(names) != len(classes):
-            raise ValueError(f"{classnames}: {len(names)} class names for {len(classes)} class folders")
+        if len(names) != len(tree.classes):
+            raise ValueError(f"{classnames}: {len(names)} class names for {len(tree.classes)} class folders")
     problems: list[str] = []
     with ShardWriter(out, shard_size) as w:
         for path, label in files:

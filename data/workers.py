@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .loader import LOADER_STATE_VERSION as _V1, Ledger, _process, _train_items
+from .loader import LOADER_STATE_VERSION as _V1, Closing, Ledger, _process, _train_items
 from .shards import SampleStream, ShardError, Source, process_visits
 
 log = logging.getLogger("hetclip.data")
@@ -314,7 +314,7 @@ def _parse_state(state: dict | None, workers: int, requested: int) -> tuple[list
     return list(state["streams"]), int(state.get("skip", 0)), state.get("stats")
 
 
-class TrainLoader:
+class TrainLoader(Closing):
     """Iterator of ``{"image": uint8 [B, H, W, 3], "text": int32 [B, L]}`` with ``state()``, ``stats()``,
     ``close()`` (also a context manager). See the module docstring."""
 
@@ -516,18 +516,6 @@ class TrainLoader:
         if self._producer is not None:
             self._producer.close()
             self._producer = None
-
-    def __enter__(self) -> "TrainLoader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _tokenizer_payload(tokenizer: Any) -> tuple[str, Any]:

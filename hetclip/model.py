@@ -17,11 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetclip import noise as noise_lib
+from hetclip.data.decode import NORM_SCALE, NORM_SHIFT
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
 from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
                             VisionTransformer, compute_dtype)
 
 LOSS_KINDS = ("softmax", "sigmoid")
+
+
+def normalize_images(images):
+    """uint8 ``[..., 3]`` -> float32 ``(x / 255 - CLIP_MEAN) / CLIP_STD``, on the device (loaders ship uint8:
+    4x less host->device traffic); float images are taken as already normalised."""
+    if images.dtype != jnp.uint8:
+        return images
+    return images.astype(jnp.float32) * jnp.asarray(NORM_SCALE) - jnp.asarray(NORM_SHIFT)
+
 SIGLIP_BIAS_INIT = -10.0
 
 

@@ -34,11 +34,11 @@ from hetclip import distributed as dist
 from hetclip import losses
 from hetclip import metrics as metrics_lib
 from hetclip import workdir as workdir_lib
-from hetclip.data.decode import CLIP_MEAN, CLIP_STD, NORM_SCALE, NORM_SHIFT
+from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.data.loader import TooManyBadSamples
 from hetclip.data.workers import DataWorkerError
 from hetclip.prefetch import DevicePrefetcher
-from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params
+from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params, normalize_images
 from hetclip.towers import compute_dtype
 
 log = logging.getLogger("hetclip.train")
@@ -152,14 +152,6 @@ def _split_noise(noise):
         return {}, None
     per_example = {k: v for k, v in noise.items() if k != "C"}
     return per_example, noise.get("C")
-
-
-def normalize_images(images):
-    """uint8 ``[..., 3]`` -> float32 ``(x / 255 - CLIP_MEAN) / CLIP_STD`` inside the step (the loader ships
-    uint8: 4x less host->device traffic); float images are taken as already normalised."""
-    if images.dtype != jnp.uint8:
-        return images
-    return images.astype(jnp.float32) * jnp.asarray(NORM_SCALE) - jnp.asarray(NORM_SHIFT)
 
 
 def embed(model: DualEncoder, params, batch):
@@ -720,7 +712,7 @@ def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings):
 def evaluate(run: Run, params, step: int, writer, bar) -> dict:
     """Zero-shot accuracy on the configured tasks (the periodic hook and the end of training)."""
     from hetclip.model import Encoders
-    from hetclip.zero_shot.cli import run_zero_shot
+    from hetclip.zero_shot.evaluate import run_zero_shot
 
     enc = Encoders(run.model_cfg, jax.device_get(params))
     results = {}
@@ -733,7 +725,8 @@ def evaluate(run: Run, params, step: int, writer, bar) -> dict:
                             templates=task.get("templates") or "clip80",
                             image_size=run.model_cfg.vision.image_size, imagenet=task.get("classnames") == "imagenet",
                             batch_size=run.cfg.eval.batch_size, mc_samples=run.cfg.eval.mc_samples,
-                            limit=run.cfg.eval.get("limit") or None, seed=run.cfg.seed)
+                            limit=run.cfg.eval.get("limit") or None, seed=run.cfg.seed,
+                            workers=run.cfg.data.num_workers)
         res = out["metrics"]
         results[task.name] = res
         scalars = {f"zero_shot/{task.name}/{k}": v for k, v in _flat_scalars(res).items()}

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from hetclip.data import decode, shards
-from hetclip.data.loader import BadSampleWarning, TooManyBadSamples, make_eval_loader, make_train_loader
+from hetclip.data.loader import BadSampleWarning, TooManyBadSamples, make_train_loader
 from hetclip.data.tools import ShardWriter
 from hetclip.data.workers import DataWorkerError
 
@@ -589,7 +589,10 @@ def test_too_many_bad_samples_fails_clearly(tmp_path):
 # ----------------------------------------------------------------------------- eval loader
 
 def test_eval_loader_image_folder_and_cls_shards(tmp_path):
+    """Class folders and the ``.cls`` shards ``from_folders`` writes from them give the same batches; a
+    truncated evaluation shard is named and its intact samples kept."""
     from hetclip.data.tools import from_folders
+    from hetclip.zero_shot import datasets as ds
 
     rng = np.random.default_rng(0)
     root = tmp_path / "folders"
@@ -597,23 +600,23 @@ def test_eval_loader_image_folder_and_cls_shards(tmp_path):
         (root / c).mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    with make_eval_loader({"source": str(root), "image_size": 8}, batch_size=2, num_workers=0) as loader:
+    folder = ds.ImageFolder(str(root))
+    assert folder.classnames == ["n00", "n01"]
+    with ds.eval_batches(folder, 8, 2, workers=0) as loader:
         batches = list(loader)
-        assert loader.classnames == ["n00", "n01"]
     assert [b["image"].shape[0] for b in batches] == [2, 2, 1]
     assert np.concatenate([b["label"] for b in batches]).tolist() == [0, 0, 1, 1, 1]
     n, problems = from_folders(str(root), str(tmp_path / "eval"), shard_size=2)
     assert n == 5 and not problems
-    with make_eval_loader({"source": str(tmp_path / "eval/{00000..00002}.tar"), "image_size": 8},
-                          batch_size=4, num_workers=1) as loader:
+    wds = ds.WdsClassification(str(tmp_path / "eval/{00000..00002}.tar"))
+    assert wds.classnames == ["n00", "n01"]
+    with ds.eval_batches(wds, 8, 4, workers=1) as loader:
         sb = list(loader)
-        assert loader.classnames == ["n00", "n01"]
     assert np.concatenate([b["label"] for b in sb]).tolist() == [0, 0, 1, 1, 1]
-    np.testing.assert_allclose(np.concatenate([b["image"] for b in sb]),
-                               np.concatenate([b["image"] for b in batches]), atol=1e-6)
-    parts = []
-    for p in range(2):
-        with make_eval_loader({"source": str(tmp_path / "eval/*.tar"), "image_size": 8}, batch_size=4,
-                              process_index=p, process_count=2, num_workers=0) as loader:
-            parts.append(sum(len(b["label"]) for b in loader))
-    assert parts == [3, 2]  # shards 0, 2 (2 + 1 samples) and shard 1 (2 samples)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in sb]),
+                                  np.concatenate([b["image"] for b in batches]))
+    victim = tmp_path / "eval" / "00001.tar"
+    victim.write_bytes(victim.read_bytes()[:700])      # inside the first member of the middle shard
+    with pytest.warns(BadSampleWarning, match=r"00001\.tar.*truncated_shard"):
+        got = list(ds.eval_batches(ds.WdsClassification(str(tmp_path / "eval")), 8, 4, workers=0))
+    assert np.concatenate([b["label"] for b in got]).tolist() == [0, 0, 1]   # shards 0 and 2 intact

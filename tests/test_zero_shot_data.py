@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hetclip.data import decode
+from hetclip.data.loader import BadSampleWarning, TooManyBadSamples
+from hetclip.data.shards import ShardFailure
 from hetclip.zero_shot import cli
 from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot import evaluate as ev
 from hetclip.zero_shot.templates import imagenet_classnames, imagenet_wnids
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 WORDS = ["red", "green", "blue"]
-MEAN, STD = ds.CLIP_MEAN, ds.CLIP_STD
+MEAN, STD = np.asarray(decode.CLIP_MEAN, np.float32), np.asarray(decode.CLIP_STD, np.float32)
 
 
 # ------------------------------------------------------------------------------------------- fakes
@@ -84,7 +88,7 @@ def write_tar(path, samples):
 # ------------------------------------------------------------------------------------------- decoding
 
 def test_eval_transform_shape_and_normalisation():
-    x = ds.decode_image(png_bytes((255, 0, 0), (40, 20)), 16)
+    x = decode.eval_transform(png_bytes((255, 0, 0), (40, 20)), 16)
     assert x.shape == (16, 16, 3) and x.dtype == np.float32
     np.testing.assert_allclose(x[0, 0], (np.array([1.0, 0, 0]) - MEAN) / STD, atol=2e-2)
     # centre crop of a left/right split image keeps both halves
@@ -92,9 +96,9 @@ def test_eval_transform_shape_and_normalisation():
     img.paste((255, 255, 255), (20, 0, 40, 20))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    y = ds.decode_image(buf.getvalue(), 10) * STD + MEAN
+    y = decode.eval_transform(buf.getvalue(), 10) * STD + MEAN
     assert y[:, 0].mean() < 0.1 and y[:, -1].mean() > 0.9
-    assert ds.decode_image(buf.getvalue(), 10, resize_size=20).shape == (10, 10, 3)
+    assert decode.eval_transform(buf.getvalue(), 10, resize_size=20).shape == (10, 10, 3)
 
 
 # ------------------------------------------------------------------------------------------- folders
@@ -108,16 +112,35 @@ def test_imagefolder_labels_and_odd_files(tmp_path):
     src = ds.ImageFolder(str(root))
     assert src.classnames == ["blue", "green", "red"]
     assert src.ignored == 1 and len(src) == 7
-    batches = ds.EvalBatches(src, 8, 4, workers=2)
-    with pytest.warns(UserWarning, match=r"unreadable image .*broken\.jpg"):
-        out = list(batches)
-    assert [b["image"].shape[0] for b in out] == [4, 2]
-    labels = np.concatenate([b["label"] for b in out])
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert len(batches.skipped) == 1 and batches.skipped[0][0].endswith("broken.jpg")
-    assert batches.num_images == 6
-    limited = ds.EvalBatches(src, 8, 4, limit=3)   # stops before reaching green/broken.jpg
-    assert sum(b["image"].shape[0] for b in limited) == 3 and limited.skipped == []
+    runs = {}
+    for workers in (0, 2):   # batches do not depend on the number of decode processes
+        batches = ds.eval_batches(src, 8, 4, workers=workers, max_bad_fraction=0.5)
+        with pytest.warns(BadSampleWarning, match=r"broken\.jpg.*corrupt_image"):
+            runs[workers] = out = list(batches)
+        assert [b["image"].shape[0] for b in out] == [4, 2] and out[0]["image"].dtype == np.uint8
+        labels = np.concatenate([b["label"] for b in out])
+        assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+        skipped = ds.skipped_summary(batches)
+        assert skipped["images_skipped"] == 1 and skipped["skipped_files"][0].endswith("broken.jpg")
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in runs[0]]),
+                                  np.concatenate([b["image"] for b in runs[2]]))
+    # the loader's pixels are the shared decoder's (resize + centre crop), uint8
+    first = sorted(p for p, _ in src.files)[0]
+    np.testing.assert_array_equal(runs[0][0]["image"][0], decode.eval_transform_uint8(open(first, "rb").read(), 8))
+    limited = ds.eval_batches(src, 8, 4, workers=0, limit=3)   # stops before reaching green/broken.jpg
+    assert sum(b["image"].shape[0] for b in limited) == 3 and ds.skipped_summary(limited)["images_skipped"] == 0
+    # by default more than 1 % unusable images is an error that names the file
+    with pytest.warns(BadSampleWarning), pytest.raises(TooManyBadSamples, match=r"1 of 7 .*broken\.jpg"):
+        list(ds.eval_batches(src, 8, 4, workers=0))
+
+
+def test_unreadable_folder_file_is_named(tmp_path):
+    root = colour_tree(tmp_path / "d", per_class=2)
+    os.symlink(str(tmp_path / "gone.png"), str(root / "red" / "z.png"))   # listed, but cannot be opened
+    src = ds.ImageFolder(str(root))
+    with pytest.warns(BadSampleWarning, match=r"z\.png.*unreadable_file"):
+        out = list(ds.eval_batches(src, 8, 8, workers=0, max_bad_fraction=0.5))
+    assert sum(len(b["label"]) for b in out) == 6
 
 
 def test_imagefolder_missing_extra_empty(tmp_path):
@@ -143,7 +166,7 @@ def test_imagefolder_missing_extra_empty(tmp_path):
         ds.ImageFolder(str(flat))
     only_empty = tmp_path / "e"
     os.makedirs(only_empty / "x")
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="no images"):
         ds.ImageFolder(str(only_empty))
 
 
@@ -183,21 +206,24 @@ def test_wds_classification_shards(tmp_path):
     write_tar(d / "test" / "0.tar", samples)
     src = ds.WdsClassification(str(d))
     assert src.classnames == WORDS
-    with pytest.warns(UserWarning, match="s100"):
-        recs = list(src.records())
-    assert [r[2] for r in recs] == [0, 1, 2] and src.incomplete == 1
+    items = list(src.items())
+    assert [it[4] for it in items[:3]] == [0, 1, 2]
+    assert isinstance(items[3], ShardFailure) and items[3].key == "s100" and items[3].reason == "missing_image"
+    with pytest.warns(BadSampleWarning, match="s100"):
+        out = list(ds.eval_batches(src, 8, 8, workers=0, max_bad_fraction=0.5))
+    assert out[0]["label"].tolist() == [0, 1, 2]
     # brace pattern + explicit class names
-    assert len(ds.expand_shards(str(d / "test" / "{0..0}.tar"))) == 1
+    assert len(ds.shard_urls(str(d / "test" / "{0..0}.tar"))) == 1
     with pytest.raises(FileNotFoundError, match="1.tar"):
-        ds.expand_shards(str(d / "test" / "{0..1}.tar"))
+        ds.shard_urls(str(d / "test" / "{0..1}.tar"))
     bad = tmp_path / "bad"
     bad.mkdir()
     write_tar(bad / "0.tar", [("a.png", png_bytes((0, 0, 0))), ("a.cls", b"7")])
     with pytest.raises(ValueError, match=r"0\.tar: a\.cls = 7 is outside \[0, 3\)"):
-        list(ds.WdsClassification(str(bad), WORDS).records())
+        list(ds.WdsClassification(str(bad), WORDS).items())
     write_tar(bad / "0.tar", [("a.png", png_bytes((0, 0, 0))), ("a.cls", b"cat")])
     with pytest.raises(ValueError, match="not an integer label"):
-        list(ds.WdsClassification(str(bad), WORDS).records())
+        list(ds.WdsClassification(str(bad), WORDS).items())
     with pytest.raises(ValueError, match="no class names"):
         ds.WdsClassification(str(bad))
 
@@ -206,7 +232,7 @@ def test_wds_classification_shards(tmp_path):
 
 def test_run_zero_shot_colour_folders(tmp_path):
     root = colour_tree(tmp_path / "colours", per_class=3)
-    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), None, "clip7", 16,
+    res = ev.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), None, "clip7", 16,
                             batch_size=4, mc_samples=2, workers=2)
     m = res["metrics"]
     assert m["top1"] == 1.0 and m["mean_per_class_recall"] == 1.0 and m["mc_top1"] == 1.0
@@ -215,7 +241,7 @@ def test_run_zero_shot_colour_folders(tmp_path):
     # shuffled class names: accuracy collapses, proving labels follow sorted folder order
     names = tmp_path / "names.txt"
     names.write_text("red\nblue\ngreen\n")
-    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), str(names), "bare", 16,
+    res = ev.run_zero_shot(colour_encoders(), ColourTokenizer(), str(root), str(names), "bare", 16,
                             batch_size=4)
     assert res["metrics"]["top1"] == 0.0
 
@@ -228,7 +254,7 @@ def test_run_zero_shot_wds(tmp_path):
     for i, name in enumerate(["blue", "green", "red", "red"]):
         samples += [(f"k{i}.png", png_bytes(COLOURS[name])), (f"k{i}.cls", str(["blue", "green", "red"].index(name)).encode())]
     write_tar(d / "000.tar", samples)
-    res = cli.run_zero_shot(colour_encoders(), ColourTokenizer(), str(d), None, "clip80", 8,
+    res = ev.run_zero_shot(colour_encoders(), ColourTokenizer(), str(d), None, "clip80", 8,
                             canonicalize=True, batch_size=8, limit=3)
     assert res["metrics"]["top1"] == 1.0 and res["dataset"]["images_evaluated"] == 3
     assert res["dataset"]["kind"] == "wds" and res["text"]["canonicalize"] is True
@@ -239,10 +265,11 @@ def test_cli_main_writes_json(tmp_path, monkeypatch, capsys):
     (root / "red" / "bad.png").write_bytes(b"garbage")
     fake = {"encoders": colour_encoders(), "tokenizer": ColourTokenizer(), "image_size": 16, "resize_size": None,
             "model_id": "fake@1", "info": {"checkpoint": "/ck/fake", "step": 1}}
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake)
+    monkeypatch.setattr(ev, "load_model", lambda path, step=None: fake)
     out = tmp_path / "r" / "results.json"
     with pytest.warns(UserWarning, match="bad.png"):
         cli.run(["--checkpoint", "/ck/fake", "--data", str(root), "--templates", "clip7", "--canonicalize",
+                 "--max-bad-fraction", "0.2",
                   "--batch-size", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "c")])
     printed = capsys.readouterr().out
     assert "top1" in printed and "1.0000" in printed
@@ -271,7 +298,8 @@ def test_retrieval_shards(tmp_path, monkeypatch):
     samples += [("p9.png", png_bytes((0, 0, 0))), ("p9.json", json.dumps({"captions": []}).encode())]
     write_tar(d / "0.tar", samples)
     with pytest.warns(UserWarning, match="p9"):
-        res = cli.run_retrieval(colour_encoders(), ColourTokenizer(), str(d / "0.tar"), 8, batch_size=2)
+        res = ev.run_retrieval(colour_encoders(), ColourTokenizer(), str(d / "0.tar"), 8, batch_size=2,
+                               max_bad_fraction=0.5, workers=0)
     m = res["metrics"]
     assert m["num_images"] == 3 and m["num_texts"] == 6
     assert m["image_to_text_R@1"] == 1.0 and m["text_to_image_R@1"] == 1.0
@@ -285,17 +313,17 @@ def test_decode_resize_then_centre_crop_matches_a_reference():
     img = Image.fromarray(np.stack([xx * 2, yy * 4, (xx + yy) % 256], -1).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    got = ds.decode_image(buf.getvalue(), 16, resize_size=20)
+    got = decode.eval_transform(buf.getvalue(), 16, resize_size=20)
     ref_img = img.resize((30, 20), Image.BICUBIC)  # shortest side 60 -> 20
     left, top = (30 - 16) // 2, (20 - 16) // 2
     ref = np.asarray(ref_img.crop((left, top, left + 16, top + 16)), np.float32) / 255.0
-    ref = (ref - ds.CLIP_MEAN) / ds.CLIP_STD
+    ref = (ref - MEAN) / STD
     assert got.shape == (16, 16, 3)
     # one-step box resize vs two-step reference: same geometry, small resampling differences only
     assert np.abs(got - ref).mean() < 0.05
-    assert np.abs(got - ds.decode_image(buf.getvalue(), 16)).mean() > 0.05  # the crop really differs
+    assert np.abs(got - decode.eval_transform(buf.getvalue(), 16)).mean() > 0.05  # the crop really differs
     with pytest.raises(ValueError, match="smaller than the crop"):
-        ds.decode_image(buf.getvalue(), 16, resize_size=8)
+        decode.eval_transform(buf.getvalue(), 16, resize_size=8)
 
 
 @pytest.mark.slow
@@ -311,10 +339,10 @@ def test_real_encoders_sharded_mc(tmp_path):
     enc = Encoders(cfg, init_params(cfg, jax.random.PRNGKey(0)))
     root = colour_tree(tmp_path / "colours", per_class=3)
     kw = dict(batch_size=8, mc_samples=3, seed=1, workers=2)
-    res = cli.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, **kw)
+    res = ev.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, **kw)
     m = res["metrics"]
     assert m["num_images"] == 9 and 0.0 <= m["top1"] <= 1.0 and np.isfinite(m["mc_nll"])
-    unsharded = cli.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, shard=False, **kw)
+    unsharded = ev.run_zero_shot(enc, ColourTokenizer(), str(root), None, "clip7", 16, shard=False, **kw)
     for k in ("nll", "mc_nll", "ece", "mc_ece"):
         assert unsharded["metrics"][k] == pytest.approx(m[k], rel=1e-4, abs=1e-5)
     assert res["logit_scale"] == pytest.approx(enc.logit_scale)

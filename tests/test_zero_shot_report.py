@@ -30,7 +30,7 @@ def fake_checkpoint(encoders=None, cfg=None):
 def test_zero_shot_out_is_a_clip_benchmark_record(tmp_path, monkeypatch):
     root = colour_tree(tmp_path / "colours", per_class=2)
     cfg = preset("tiny", het={"enabled": True})
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint(cfg=cfg))
+    monkeypatch.setattr(cli.ev, "load_model", lambda path, step=None: fake_checkpoint(cfg=cfg))
     out = tmp_path / "res" / "{dataset}_{pretrained}_{model}_{language}_{task}.json"
     result = cli.run(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
                        "--mc-samples", "2", "--out", str(out), "--no-progress"])
@@ -58,7 +58,7 @@ def test_retrieval_out_uses_clip_benchmark_directions(tmp_path, monkeypatch):
     for i, (name, rgb) in enumerate(COLOURS.items()):
         samples += [(f"p{i}.png", png_bytes(rgb)), (f"p{i}.txt", f"a {name} square\n{name} {name}\n".encode())]
     write_tar(d / "0.tar", samples)
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint())
+    monkeypatch.setattr(cli.ev, "load_model", lambda path, step=None: fake_checkpoint())
     out = tmp_path / "ret.json"
     result = cli.retrieval_run(["--checkpoint", "/ck/run", "--data", str(d / "0.tar"), "--batch-size", "2",
                                  "--out", str(out), "--no-progress"])
@@ -102,7 +102,7 @@ def test_record_helpers():
 
 
 def test_bad_out_placeholder_fails_before_loading(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: pytest.fail("loaded the checkpoint"))
+    monkeypatch.setattr(cli.ev, "load_model", lambda *a, **k: pytest.fail("loaded the checkpoint"))
     with pytest.raises(SystemExit, match="unknown placeholder"):
         cli.main(["--checkpoint", "x", "--data", str(tmp_path), "--out", "{modle}.json"])
 
@@ -144,7 +144,7 @@ def test_reliability_diagram_draws_the_bins():
 
 def test_zero_shot_plot_writes_a_png_per_task(tmp_path, monkeypatch):
     root = colour_tree(tmp_path / "colours", per_class=2)
-    monkeypatch.setattr(cli, "load_checkpoint", lambda path, step=None: fake_checkpoint())
+    monkeypatch.setattr(cli.ev, "load_model", lambda path, step=None: fake_checkpoint())
     result = cli.run(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
                        "--mc-samples", "2", "--plot", str(tmp_path / "plots"), "--no-progress"])
     png = tmp_path / "plots" / "reliability_colours.png"
@@ -164,6 +164,6 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
     monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: pytest.fail("loaded the checkpoint"))
+    monkeypatch.setattr(cli.ev, "load_model", lambda *a, **k: pytest.fail("loaded the checkpoint"))
     with pytest.raises(SystemExit, match=r"hetclip\[plot\]"):
         cli.main(["--checkpoint", "x", "--data", str(tmp_path), "--plot", str(tmp_path / "p")])

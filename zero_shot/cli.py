@@ -1,4 +1,5 @@
-"""Command lines ``hetclip-zero-shot`` and ``hetclip-retrieval``, and ``run_zero_shot`` for training hooks.
+"""Command lines ``hetclip-zero-shot`` and ``hetclip-retrieval``: argument parsing and output around the
+evaluation API in ``evaluate.py``.
 
 Examples::
 
@@ -17,150 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence
 
-import jax
-import numpy as np
-
-from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot import evaluate as ev
 from hetclip.zero_shot import report
-from hetclip.zero_shot.classifier import build_classifier, classifier_info
-from hetclip.zero_shot.evaluate import evaluate_retrieval, evaluate_zero_shot
-from hetclip.zero_shot.templates import TEMPLATE_SETS, load_classnames, load_templates
-
-log = logging.getLogger(__name__)
-
-
-def _logit_scale(encoders) -> float:
-    s = encoders.logit_scale
-    return float(s() if callable(s) else s)
-
-
-def _progress(total: Optional[int], desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-
-def _source(dataset: str, classnames, imagenet: bool):
-    if imagenet:
-        if classnames is not None:
-            raise ValueError("--imagenet uses the built-in ImageNet class names; do not pass --classnames")
-        return ds.imagenet(dataset)
-    source = ds.open_source(dataset, classnames)
-    if len(source.classnames) < 2:
-        log.warning("%s has %d class(es): zero-shot accuracy is meaningless with fewer than 2", dataset,
-                    len(source.classnames))
-    return source
-
-
-def run_zero_shot(encoders, tokenizer, dataset_dir: str,
-                  classnames: Union[None, str, Sequence[str]] = None,
-                  templates: Union[str, Sequence[str]] = "clip80", image_size: int = 224, *,
-                  imagenet: bool = False, canonicalize: bool = False, batch_size: int = 64,
-                  text_batch_size: int = 256, limit: Optional[int] = None, mc_samples: int = 0,
-                  seed: int = 0, workers: int = 4, resize_size: Optional[int] = None,
-                  model_id: Optional[str] = None, cache_dir: Optional[str] = None, memory_cache=None,
-                  shard: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
-    """Zero-shot evaluation of ``encoders`` (``image_embeddings``, ``text_embeddings``, ``logit_scale``,
-    optional ``image_samples``) on a class-folder tree, an ImageNet val folder or ``.cls`` shards.
-
-    ``classnames``: a list, a file, ``"imagenet"``, or ``None`` (dataset's own: folder names or
-    ``classnames.txt``). ``templates``: a list or a set name / file (``clip80``, ``clip7``, ``bare``).
-    Returns ``{"metrics": {...}, "dataset": {...}, "preprocess": {...}, "text": {...}, "reliability": {...},
-    ...}`` (``reliability``: the diagrams of ``evaluate_zero_shot``).
-    """
-    source = _source(dataset_dir, classnames, imagenet)
-    names = source.classnames
-    template_list = list(templates) if not isinstance(templates, str) else load_templates(templates)
-    weights = build_classifier(encoders.text_embeddings, tokenizer, names, template_list,
-                               canonical=canonicalize, batch_size=text_batch_size, model_id=model_id,
-                               cache_dir=cache_dir, memory_cache=memory_cache)
-    batches = ds.EvalBatches(source, image_size, batch_size, workers=workers, limit=limit,
-                             resize_size=resize_size)
-    try:
-        total = len(batches)
-    except TypeError:
-        total = limit
-    bar = _progress(total, "zero-shot", progress)
-    sampler = getattr(encoders, "image_samples", None) if mc_samples > 0 else None
-    reliability: Dict[str, Any] = {}
-    try:
-        metrics = evaluate_zero_shot(encoders.image_embeddings, weights, batches, _logit_scale(encoders),
-                                     sample_image=sampler, mc_samples=mc_samples,
-                                     key=jax.random.PRNGKey(seed), batch_size=batch_size, shard=shard,
-                                     progress=bar, reliability=reliability)
-    finally:
-        if bar is not None:
-            bar.close()
-    text = classifier_info(names, template_list, tokenizer, canonicalize)
-    text["templates"] = templates if isinstance(templates, str) else "list"
-    return {
-        "metrics": metrics,
-        "dataset": dict(source.describe(), images_evaluated=batches.num_images,
-                        images_skipped=len(batches.skipped),
-                        skipped_files=[n for n, _ in batches.skipped[:20]],
-                        limit=limit, classnames=classnames if isinstance(classnames, str) else
-                        ("list" if classnames is not None else "dataset")),
-        "preprocess": {"image_size": int(image_size), "resize_shortest_side": int(resize_size or image_size),
-                       "crop": "center", "interpolation": "bicubic",
-                       "mean": ds.CLIP_MEAN.tolist(), "std": ds.CLIP_STD.tolist()},
-        "text": text,
-        "logit_scale": _logit_scale(encoders),
-        "mc_samples": int(mc_samples), "seed": int(seed), "batch_size": int(batch_size),
-        "reliability": reliability,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- loading
-
-def load_checkpoint(path: str, step: Optional[int] = None) -> Dict[str, Any]:
-    """``{"encoders", "tokenizer", "image_size", "model_id", "info"}`` from a training checkpoint."""
-    from hetclip.checkpoint import load_run
-    from hetclip.model import Encoders
-
-    if os.path.isfile(os.path.join(path, "config.json")) and \
-            os.path.isfile(os.path.join(path, "model.safetensors")):
-        return _load_hf_export(path)
-    run = load_run(path, step)
-    preprocess = run.preprocess
-    image_size = int(preprocess.get("image_size", run.model_cfg.vision.image_size))
-    info = {"checkpoint": run.meta["checkpoint"], "step": run.step, "preprocess_saved": preprocess}
-    return {"encoders": Encoders(run.model_cfg, run.params), "tokenizer": run.tokenizer(), "image_size": image_size,
-            "resize_size": preprocess.get("resize_size"),
-            "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
-
-
-def _load_hf_export(path: str) -> Dict[str, Any]:
-    """A directory written by ``hetclip-export --format hf`` (or any HF CLIP directory with a fast tokenizer)."""
-    import json
-
-    from hetclip.data.tokenizers import load_tokenizer
-    from hetclip.hf import params_from_hf
-    from hetclip.model import Encoders
-
-    params, cfg = params_from_hf(path)
-    image_size = cfg.vision.image_size
-    resize_size = None
-    pre_path = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(pre_path):
-        with open(pre_path, encoding="utf-8") as f:
-            pre = json.load(f)
-        crop = pre.get("crop_size", image_size)
-        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
-        size = pre.get("size")
-        if isinstance(size, dict) and "shortest_edge" in size:
-            resize_size = int(size["shortest_edge"])
-    tok = load_tokenizer(path, context_length=cfg.text.context_length)
-    info = {"checkpoint": os.path.abspath(path), "step": None, "format": "hf_export"}
-    return {"encoders": Encoders(cfg, params), "tokenizer": tok, "image_size": image_size,
-            "resize_size": resize_size, "model_id": f"hf:{info['checkpoint']}", "info": info}
-
+from hetclip.zero_shot.templates import TEMPLATE_SETS, load_templates
 
 def _table(rows: Dict[str, Any]) -> str:
     width = max(len(k) for k in rows)
@@ -185,7 +49,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training work dir or its checkpoints/ dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="image decoding processes (default: the CPU count, at most 16; 0: decode in this process)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of the images cannot be used (default 0.01)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N images")
     p.add_argument("--out", default=None, help="write results JSON here, in CLIP_benchmark's layout; may hold its "
                    "placeholders {dataset} {model} {pretrained} {task} {language}")
@@ -249,15 +116,16 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     if args.mc_samples < 0:
         raise ValueError(f"--mc-samples must be >= 0, got {args.mc_samples}")
     load_templates(args.templates)  # fail early on a bad template spec
-    ck = load_checkpoint(args.checkpoint, args.step)
+    ck = ev.load_model(args.checkpoint, args.step)
     het = getattr(getattr(ck["encoders"], "config", None), "het", None)
     if args.mc_samples and het is not None and not het.enabled:
         raise ValueError("--mc-samples needs a model with the HET-XL head (het.enabled=False)")
-    result = run_zero_shot(
+    result = ev.run_zero_shot(
         ck["encoders"], ck["tokenizer"], args.imagenet or args.data, args.classnames, args.templates,
         ck["image_size"], imagenet=bool(args.imagenet), canonicalize=args.canonicalize,
         batch_size=args.batch_size, text_batch_size=args.text_batch_size, limit=args.limit,
         mc_samples=args.mc_samples, seed=args.seed, workers=args.workers, resize_size=ck["resize_size"],
+        max_bad_fraction=args.max_bad_fraction,
         model_id=ck["model_id"], cache_dir=args.cache_dir, shard=False if args.no_shard else None,
         progress=not args.no_progress)
     result.update(ck["info"])
@@ -284,32 +152,6 @@ def _write_record(template: Optional[str], result: Dict[str, Any], task: str, da
     _write_json(report.output_path(template, rec), rec)
 
 
-def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, batch_size: int = 64,
-                  text_batch_size: int = 256, limit: Optional[int] = None, workers: int = 4,
-                  resize_size: Optional[int] = None, shard: Optional[bool] = None,
-                  progress: bool = False) -> Dict[str, Any]:
-    """Image–text retrieval recall@{1,5,10} on webdataset shards (``KEY.jpg`` + ``KEY.txt``)."""
-    source = ds.WdsRetrieval(shards)
-    batches = ds.EvalBatches(source, image_size, batch_size, workers=workers, limit=limit,
-                             resize_size=resize_size)
-    bar = _progress(limit, "retrieval", progress)
-    try:
-        metrics = evaluate_retrieval(encoders.image_embeddings, encoders.text_embeddings, tokenizer, batches,
-                                     batch_size=batch_size, text_batch_size=text_batch_size, shard=shard,
-                                     progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return {"metrics": metrics,
-            "dataset": dict(source.describe(), images_skipped=len(batches.skipped), limit=limit,
-                            samples_without_image_or_caption=source.incomplete),
-            "preprocess": {"image_size": int(image_size), "resize_shortest_side": int(resize_size or image_size),
-                           "crop": "center", "interpolation": "bicubic"},
-            "text": {"tokenizer": classifier_info([], [], tokenizer, False)["tokenizer"],
-                     "context_length": getattr(tokenizer, "context_length", None)},
-            "batch_size": int(batch_size)}
-
-
 def retrieval_main(argv: Optional[Sequence[str]] = None) -> int:
     """``hetclip-retrieval``: exit status 0, or 2 with one message for a user error."""
     from hetclip.cli import guarded
@@ -328,11 +170,11 @@ def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
     _positive("--batch-size", args.batch_size)
     _positive("--limit", args.limit)
     _check_out(args.out)
-    ck = load_checkpoint(args.checkpoint, args.step)
-    result = run_retrieval(ck["encoders"], ck["tokenizer"], args.data, ck["image_size"],
+    ck = ev.load_model(args.checkpoint, args.step)
+    result = ev.run_retrieval(ck["encoders"], ck["tokenizer"], args.data, ck["image_size"],
                            batch_size=args.batch_size, text_batch_size=args.text_batch_size, limit=args.limit,
                            workers=args.workers, resize_size=ck["resize_size"],
-                           shard=False if args.no_shard else None, progress=not args.no_progress)
+                           max_bad_fraction=args.max_bad_fraction, shard=False if args.no_shard else None, progress=not args.no_progress)
     result.update(ck["info"])
     result["command"] = "hetclip-retrieval"
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -1,4 +1,11 @@
-"""Zero-shot classification and retrieval evaluation against plain encoder callables.
+"""Zero-shot classification and retrieval: the evaluation API (the command lines in ``cli.py`` and the
+training loop's periodic evaluation call it).
+
+* ``load_model(path, step=None)``: encoders, tokenizer and preprocessing of a training run or an HF export;
+* ``run_zero_shot(encoders, tokenizer, dataset, ...)`` / ``run_retrieval(...)``: a data set through the
+  ``datasets`` loader (decode worker processes, uint8 batches) to metrics and a report dict;
+* ``evaluate_zero_shot`` / ``evaluate_retrieval``: metrics over any iterable of batches, against plain
+  encoder callables (``encode_image(images [B, S, S, 3] float, CLIP-normalised) -> [B, D]``).
 
 * deterministic prediction: ``p = softmax(scale · μ̂ · Wᵀ)`` with ``μ̂`` the normalised mean embedding;
 * HET-XL MC prediction (``mc_samples = S > 0`` and a ``sample_image(images, key, S) -> [B, S, D]`` of
@@ -8,20 +15,31 @@
 
 Encoding goes through ``BatchedEncoder``: every call has the same batch size (the last batch is padded by
 repeating its first row, outputs are sliced back) so a jitted encoder compiles once, and the batch is
-sharded over ``jax.devices()`` when it divides evenly.
+sharded over ``jax.devices()`` when it divides evenly. uint8 batches are normalised on the device after the
+transfer (``hetclip.model.normalize_images``), so encoders always see CLIP-normalised floats.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
 import time
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hetclip.zero_shot.classifier import encode_texts, l2_normalize
+from hetclip.data.decode import CLIP_MEAN, CLIP_STD
+from hetclip.model import normalize_images
+from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot.classifier import build_classifier, classifier_info, encode_texts, l2_normalize
 from hetclip.zero_shot.metrics import ClassificationMeter, retrieval_recall
+from hetclip.zero_shot.templates import load_templates
+
+log = logging.getLogger(__name__)
 
 
 class BatchedEncoder:
@@ -48,7 +66,17 @@ class BatchedEncoder:
         if n < self.batch_size:
             x = np.concatenate([x, np.repeat(x[:1], self.batch_size - n, axis=0)], 0)
         x = jax.device_put(x, self.sharding) if self.sharding is not None else jnp.asarray(x)
-        return self.fn(x, *args)[:n]
+        return self.fn(_model_input(x), *args)[:n]
+
+
+_model_input = jax.jit(normalize_images)
+
+
+def _normalising(fn: Optional[Callable]) -> Optional[Callable]:
+    """``fn`` called on device-normalised images (for encoders used without ``BatchedEncoder``)."""
+    if fn is None:
+        return None
+    return lambda x, *args: fn(_model_input(jnp.asarray(x)), *args)
 
 
 @jax.jit
@@ -108,8 +136,9 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
             raise ValueError("mc_samples > 0 needs sample_image (the model has no HET-XL head?)")
         if key is None:
             key = jax.random.PRNGKey(0)
-    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else encode_image
-    samp = (BatchedEncoder(sample_image, batch_size, shard=shard) if batch_size and sample_image else sample_image)
+    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
+    samp = (BatchedEncoder(sample_image, batch_size, shard=shard) if batch_size and sample_image
+            else _normalising(sample_image))
     det = ClassificationMeter(num_classes, topk)
     mc = ClassificationMeter(num_classes, topk) if mc_samples > 0 else None
     seen = 0
@@ -151,7 +180,7 @@ def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer,
                        progress=None) -> Dict[str, float]:
     """Recall@k both ways over ``batches`` of ``(images, captions)`` where ``captions[i]`` is a list
     of the captions of image ``i`` (or a single string)."""
-    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else encode_image
+    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
     img_emb, texts, owner = [], [], []
     n = 0
     for batch in batches:
@@ -171,3 +200,162 @@ def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer,
     out["num_images"] = n
     out["num_texts"] = len(texts)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- data sets
+
+def _logit_scale(encoders) -> float:
+    s = encoders.logit_scale
+    return float(s() if callable(s) else s)
+
+
+def _progress(total: Optional[int], desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+
+def _source(dataset: str, classnames, imagenet: bool):
+    if imagenet:
+        if classnames is not None:
+            raise ValueError("--imagenet uses the built-in ImageNet class names; do not pass --classnames")
+        return ds.imagenet(dataset)
+    source = ds.open_source(dataset, classnames)
+    if len(source.classnames) < 2:
+        log.warning("%s has %d class(es): zero-shot accuracy is meaningless with fewer than 2", dataset,
+                    len(source.classnames))
+    return source
+
+
+def run_zero_shot(encoders, tokenizer, dataset_dir: str,
+                  classnames: Union[None, str, Sequence[str]] = None,
+                  templates: Union[str, Sequence[str]] = "clip80", image_size: int = 224, *,
+                  imagenet: bool = False, canonicalize: bool = False, batch_size: int = 64,
+                  text_batch_size: int = 256, limit: Optional[int] = None, mc_samples: int = 0,
+                  seed: int = 0, workers: int = 2, resize_size: Optional[int] = None,
+                  max_bad_fraction: float = 0.01,
+                  model_id: Optional[str] = None, cache_dir: Optional[str] = None, memory_cache=None,
+                  shard: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
+    """Zero-shot evaluation of ``encoders`` (``image_embeddings``, ``text_embeddings``, ``logit_scale``,
+    optional ``image_samples``) on a class-folder tree, an ImageNet val folder or ``.cls`` shards.
+
+    ``classnames``: a list, a file, ``"imagenet"``, or ``None`` (dataset's own: folder names or
+    ``classnames.txt``). ``templates``: a list or a set name / file (``clip80``, ``clip7``, ``bare``).
+    ``workers`` decode processes read the images (0: in this process); more than ``max_bad_fraction``
+    unusable images is an error. Returns ``{"metrics": {...}, "dataset": {...}, "preprocess": {...},
+    "text": {...}, "reliability": {...}, ...}`` (``reliability``: the diagrams of ``evaluate_zero_shot``).
+    """
+    source = _source(dataset_dir, classnames, imagenet)
+    names = source.classnames
+    template_list = list(templates) if not isinstance(templates, str) else load_templates(templates)
+    weights = build_classifier(encoders.text_embeddings, tokenizer, names, template_list,
+                               canonical=canonicalize, batch_size=text_batch_size, model_id=model_id,
+                               cache_dir=cache_dir, memory_cache=memory_cache)
+    batches = ds.eval_batches(source, image_size, batch_size, workers=workers, limit=limit,
+                              resize_size=resize_size, max_bad_fraction=max_bad_fraction)
+    total = len(source) if hasattr(source, "__len__") else None
+    if limit is not None:
+        total = min(total, limit) if total is not None else limit
+    bar = _progress(total, "zero-shot", progress)
+    sampler = getattr(encoders, "image_samples", None) if mc_samples > 0 else None
+    reliability: Dict[str, Any] = {}
+    try:
+        metrics = evaluate_zero_shot(encoders.image_embeddings, weights, batches, _logit_scale(encoders),
+                                     sample_image=sampler, mc_samples=mc_samples,
+                                     key=jax.random.PRNGKey(seed), batch_size=batch_size, shard=shard,
+                                     progress=bar, reliability=reliability)
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+    text = classifier_info(names, template_list, tokenizer, canonicalize)
+    text["templates"] = templates if isinstance(templates, str) else "list"
+    return {
+        "metrics": metrics,
+        "dataset": dict(source.describe(), images_evaluated=metrics["num_images"], **ds.skipped_summary(batches),
+                        limit=limit, classnames=classnames if isinstance(classnames, str) else
+                        ("list" if classnames is not None else "dataset")),
+        "preprocess": {"image_size": int(image_size), "resize_shortest_side": int(resize_size or image_size),
+                       "crop": "center", "interpolation": "bicubic",
+                       "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "normalised": "on the device"},
+        "text": text,
+        "logit_scale": _logit_scale(encoders),
+        "mc_samples": int(mc_samples), "seed": int(seed), "batch_size": int(batch_size),
+        "reliability": reliability,
+    }
+
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def load_model(path: str, step: Optional[int] = None) -> Dict[str, Any]:
+    """``{"encoders", "tokenizer", "image_size", "resize_size", "model_id", "info"}`` from a training run
+    (``hetclip.checkpoint.load_run``) or a directory written by ``hetclip-export --format hf``."""
+    from hetclip.checkpoint import load_run
+    from hetclip.model import Encoders
+
+    if os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isfile(os.path.join(path, "model.safetensors")):
+        return _load_hf_export(path)
+    run = load_run(path, step)
+    preprocess = run.preprocess
+    image_size = int(preprocess.get("image_size", run.model_cfg.vision.image_size))
+    info = {"checkpoint": run.meta["checkpoint"], "step": run.step, "preprocess_saved": preprocess}
+    return {"encoders": Encoders(run.model_cfg, run.params), "tokenizer": run.tokenizer(), "image_size": image_size,
+            "resize_size": preprocess.get("resize_size"),
+            "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
+
+
+def _load_hf_export(path: str) -> Dict[str, Any]:
+    """A directory written by ``hetclip-export --format hf`` (or any HF CLIP directory with a fast tokenizer)."""
+    from hetclip.data.tokenizers import load_tokenizer
+    from hetclip.hf import params_from_hf
+    from hetclip.model import Encoders
+
+    params, cfg = params_from_hf(path)
+    image_size = cfg.vision.image_size
+    resize_size = None
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(pre_path):
+        with open(pre_path, encoding="utf-8") as f:
+            pre = json.load(f)
+        crop = pre.get("crop_size", image_size)
+        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
+        size = pre.get("size")
+        if isinstance(size, dict) and "shortest_edge" in size:
+            resize_size = int(size["shortest_edge"])
+    tok = load_tokenizer(path, context_length=cfg.text.context_length)
+    info = {"checkpoint": os.path.abspath(path), "step": None, "format": "hf_export"}
+    return {"encoders": Encoders(cfg, params), "tokenizer": tok, "image_size": image_size,
+            "resize_size": resize_size, "model_id": f"hf:{info['checkpoint']}", "info": info}
+
+
+
+def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, batch_size: int = 64,
+                  text_batch_size: int = 256, limit: Optional[int] = None, workers: int = 2,
+                  resize_size: Optional[int] = None, shard: Optional[bool] = None,
+                  max_bad_fraction: float = 0.01, progress: bool = False) -> Dict[str, Any]:
+    """Image–text retrieval recall@{1,5,10} on webdataset shards (``KEY.jpg`` + ``KEY.txt``)."""
+    source = ds.WdsRetrieval(shards)
+    batches = ds.eval_batches(source, image_size, batch_size, workers=workers, limit=limit,
+                              resize_size=resize_size, max_bad_fraction=max_bad_fraction)
+    bar = _progress(limit, "retrieval", progress)
+    try:
+        metrics = evaluate_retrieval(encoders.image_embeddings, encoders.text_embeddings, tokenizer, batches,
+                                     batch_size=batch_size, text_batch_size=text_batch_size, shard=shard,
+                                     progress=bar)
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+    skipped = ds.skipped_summary(batches)
+    no_pair = sum(v for k, v in skipped["skipped_by_reason"].items() if k in ("missing_image", "missing_caption"))
+    return {"metrics": metrics,
+            "dataset": dict(source.describe(), **skipped, limit=limit, samples_without_image_or_caption=no_pair),
+            "preprocess": {"image_size": int(image_size), "resize_shortest_side": int(resize_size or image_size),
+                           "crop": "center", "interpolation": "bicubic"},
+            "text": {"tokenizer": classifier_info([], [], tokenizer, False)["tokenizer"],
+                     "context_length": getattr(tokenizer, "context_length", None)},
+            "batch_size": int(batch_size)}
