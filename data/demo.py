@@ -22,6 +22,7 @@ shape word, low-contrast objects -> colour word) get a wrong attribute word with
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import io
@@ -588,6 +589,18 @@ def ensure_demo(out_dir: str | os.PathLike, *, workers: int = 1, force: bool = F
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return demo_paths(out, p["num_train"], p["shard_size"])
+
+
+def configure(cfg: dict, paths: DemoPaths) -> dict:
+    """A copy of a training config (as a dict) whose data shards, tokenizer and zero-shot tasks are the
+    demo data's at ``paths``."""
+    out = copy.deepcopy(cfg)
+    out["data"]["shards"] = paths.train_pattern
+    out["data"]["tokenizer"]["path"] = paths.tokenizer
+    out["eval"]["tasks"] = [dict(name=t, dir=paths.eval_dirs[t],
+                                 classnames=os.path.join(paths.eval_dirs[t], "classnames.txt"),
+                                 templates=os.path.join(paths.eval_dirs[t], "templates.txt")) for t in TASKS]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

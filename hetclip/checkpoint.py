@@ -177,11 +177,13 @@ class Checkpointer:
         reader = _StepReader(self._mgr, self.directory, step)
         meta = reader.json("meta")
         data = reader.json("data")
+        integrity = meta.get("integrity") or {}
+        reader.check_complete("params", integrity.get("params"))
+        reader.check_complete("train", integrity.get("train"))
         reader.check_layout("params", abstract_params)
         reader.check_layout("train", abstract_train)
         params = reader.arrays("params", abstract_params)
         train = reader.arrays("train", abstract_train)
-        integrity = meta.get("integrity") or {}
         reader.verify("params", tree_report(params), integrity.get("params"))
         reader.verify("train", tree_report({"opt_state": train["opt_state"], "rng": train["rng"]}),
                       integrity.get("train"))
@@ -232,6 +234,7 @@ class _StepReader:
 
     def __init__(self, mgr: ocp.CheckpointManager, directory: str, step: int):
         self.mgr, self.directory, self.step = mgr, directory, step
+        self._trees: dict[str, Any] = {}
 
     def path(self, item: str) -> str:
         return os.path.join(self.directory, str(self.step), item)
@@ -250,18 +253,32 @@ class _StepReader:
         return self._restore(item, ocp.args.JsonRestore())
 
     def _metadata_tree(self, item: str):
-        """The item's own tree of array metadata (shape, dtype)."""
-        try:
-            metadata = ocp.StandardCheckpointer().metadata(self.path(item))
-        except Exception as e:  # noqa: BLE001
-            raise self._fail(item, e) from e
-        tree = getattr(metadata, "item_metadata", metadata)
-        return getattr(tree, "tree", tree)
+        """The item's own tree of array metadata (shape, dtype); read once."""
+        if item not in self._trees:
+            try:
+                metadata = ocp.StandardCheckpointer().metadata(self.path(item))
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(item, e) from e
+            tree = getattr(metadata, "item_metadata", metadata)
+            self._trees[item] = getattr(tree, "tree", tree)
+        return self._trees[item]
 
     def layout(self, item: str) -> dict[str, tuple[tuple[int, ...], str]]:
         """``{tensor path: (shape, dtype)}`` from the item's own metadata."""
         flat = jax.tree_util.tree_flatten_with_path(self._metadata_tree(item))[0]
         return {_path_name(p): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in flat}
+
+    def check_complete(self, item: str, digests: dict[str, str] | None) -> None:
+        """Every tensor written (named by the digests saved with it) is still listed by the item: damaged
+        storage can hide entries, which must not pass for a checkpoint of another model."""
+        if digests is None:
+            return
+        listed = self.layout(item)
+        lost = sorted(n for n in digests if n not in listed)
+        if lost:
+            raise CheckpointError(f"checkpoint step {self.step} is damaged: {len(lost)} of the {len(digests)} tensors "
+                                  f"written to {self.path(item)} cannot be found ({', '.join(lost[:3])}"
+                                  f"{', ...' if len(lost) > 3 else ''})")
 
     def check_layout(self, item: str, abstract) -> None:
         saved = self.layout(item)
@@ -283,6 +300,10 @@ class _StepReader:
         return self._restore(item, ocp.args.StandardRestore(abstract))
 
     def verify(self, item: str, report: dict[str, tuple[str, bool]], digests: dict[str, str] | None) -> None:
+        if digests is not None and set(digests) - set(report):
+            lost = sorted(set(digests) - set(report))
+            raise CheckpointError(f"checkpoint step {self.step} is damaged: tensor {lost[0]!r} in {self.path(item)} "
+                                  f"was written but not restored")
         for name, (digest, finite) in report.items():
             if digests is not None and digests.get(name) != digest:
                 raise CheckpointError(f"checkpoint step {self.step} is damaged: tensor {name!r} in "
@@ -342,6 +363,7 @@ def load_params(path: str, step: int | None = None):
     try:
         reader = _StepReader(mgr, directory, step)
         meta = reader.json("meta")
+        reader.check_complete("params", (meta.get("integrity") or {}).get("params"))
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         params = reader.arrays("params", reader.abstract_from_layout("params", cpu))
         reader.verify("params", tree_report(params), (meta.get("integrity") or {}).get("params"))

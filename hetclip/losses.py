@@ -477,6 +477,50 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, axis: AxisName = "data",
         if explicit:
             args = jax.tree.map(lambda a, s: jax.reshard(a, NamedSharding(mesh, s)), args, specs,
                                 is_leaf=lambda x: isinstance(x, P))
-        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+        # check_vma=False: the losses place their collectives themselves (psum of per-device sums,
+        # psum_scatter of column logsumexps); their gradients are checked against the naive losses so.
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(*args)
 
     return wrapped
+
+
+LOSS_KINDS = ("softmax", "hetxl", "sigmoid")
+
+
+def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc_samples: int = 0,
+              sample_chunk: Optional[int] = None, class_chunk: Optional[int] = None,
+              matmul_dtype=None) -> Callable:
+    """The training loss ``loss(emb, shared, key) -> (loss, aux)`` over the global batch, sharded over
+    ``axis`` of ``mesh`` (``sharded``).
+
+    ``kind``: ``softmax`` (CLIP), ``hetxl`` (MC softmax with ``mc_samples`` samples) or ``sigmoid`` (SigLIP).
+    ``emb``: per-example ``{"mean", "txt", "noise/<d|v|V>"}``; ``shared``: ``{"scale"}`` plus ``"bias"``
+    (sigmoid) and ``"C"`` (parameter-efficient HET-XL). ``aux`` gains ``temperature`` (and ``logit_bias``).
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; one of {LOSS_KINDS}")
+    chunks = dict(class_chunk=class_chunk, matmul_dtype=matmul_dtype)
+    if kind == "hetxl":
+        if mc_samples < 1:
+            raise ValueError(f"the hetxl loss needs mc_samples >= 1, got {mc_samples}")
+        fn = sharded(hetxl_loss, mesh, axis, num_samples=mc_samples, sample_chunk=sample_chunk, **chunks)
+    else:
+        fn = sharded(siglip_loss if kind == "sigmoid" else clip_loss, mesh, axis, **chunks)
+
+    def loss(emb, shared, key):
+        scale = shared["scale"]
+        if kind == "sigmoid":
+            value, aux = fn(emb["mean"], emb["txt"], scale, shared["bias"])
+        elif kind == "hetxl":
+            noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
+            if shared.get("C") is not None:
+                noise["C"] = shared["C"]
+            value, aux = fn(emb["mean"], noise, emb["txt"], scale, key)
+        else:
+            value, aux = fn(emb["mean"], emb["txt"], scale)
+        aux = dict(aux, temperature=1.0 / scale)
+        if kind == "sigmoid":
+            aux["logit_bias"] = shared["bias"]
+        return value, aux
+
+    return loss

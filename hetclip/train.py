@@ -166,45 +166,24 @@ def embed(model: DualEncoder, params, batch):
 
 
 def make_loss(model_cfg: ModelConfig, mesh):
-    """``loss(params, emb, key) -> (loss, aux)`` over the global batch, sharded over the batch axes."""
+    """``loss(params, emb, key) -> (loss, aux)`` over the global batch: the model's shared loss inputs
+    (scale, SigLIP bias, HET-XL ``C``) read from ``params``, then ``losses.make_loss``."""
     model = DualEncoder(model_cfg)
     het = model_cfg.het
-    axes = dist.BATCH_AXES
-    batch_spec = P(axes)
+    kind = "sigmoid" if model_cfg.loss == "sigmoid" else ("hetxl" if het.enabled and het.num_samples > 0
+                                                          else "softmax")
     # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX, AVX-512 BF16); logsumexps stay fp32.
     mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
-
-    def local(emb, shared, key):
-        scale = shared["scale"]
-        if model_cfg.loss == "sigmoid":
-            return losses.siglip_loss(emb["mean"], emb["txt"], scale, shared["bias"], axis_name=axes,
-                                      class_chunk=het.class_chunk, matmul_dtype=mm)
-        if het.enabled and het.num_samples > 0:
-            noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
-            if shared.get("C") is not None:
-                noise["C"] = shared["C"]
-            return losses.hetxl_loss(emb["mean"], noise, emb["txt"], scale, key, num_samples=het.num_samples,
-                                     sample_chunk=het.sample_chunk, class_chunk=het.class_chunk, axis_name=axes,
-                                     matmul_dtype=mm)
-        return losses.clip_loss(emb["mean"], emb["txt"], scale, axis_name=axes, class_chunk=het.class_chunk,
-                                matmul_dtype=mm)
+    fn = losses.make_loss(kind, mesh, dist.BATCH_AXES, mc_samples=het.num_samples, sample_chunk=het.sample_chunk,
+                          class_chunk=het.class_chunk, matmul_dtype=mm)
 
     def loss(params, emb, key):
         shared = {"scale": model.apply({"params": params}, method=DualEncoder.logit_scale)}
-        if model_cfg.loss == "sigmoid":
+        if kind == "sigmoid":
             shared["bias"] = model.apply({"params": params}, method=DualEncoder.logit_bias)
         if het.enabled and het.param_efficient:
             shared["C"] = params["het_head"]["C"]
-        emb_specs = {k: batch_spec for k in emb}
-        shared_specs = {k: P() for k in shared}
-        fn = jax.shard_map(local, mesh=mesh, in_specs=(emb_specs, shared_specs, P()), out_specs=(P(), P()),
-                           check_vma=False)
-        value, aux = fn(emb, shared, key)
-        aux = dict(aux)
-        aux["temperature"] = 1.0 / shared["scale"]
-        if "bias" in shared:
-            aux["logit_bias"] = shared["bias"]
-        return value, aux
+        return fn(emb, shared, key)
 
     return loss
 
@@ -375,13 +354,7 @@ def _prepare_demo(cfg) -> ml_collections.ConfigDict:
     dist.barrier("demo-data")
     if not dist.is_main_process():
         paths = demo.ensure_demo(root, **params)
-    d = cfg.to_dict()
-    d["data"]["shards"] = paths.train_pattern
-    d["data"]["tokenizer"]["path"] = paths.tokenizer
-    d["eval"]["tasks"] = [dict(name=t, dir=paths.eval_dirs[t],
-                               classnames=os.path.join(paths.eval_dirs[t], "classnames.txt"),
-                               templates=os.path.join(paths.eval_dirs[t], "templates.txt")) for t in demo.TASKS]
-    out = ml_collections.ConfigDict(d)
+    out = ml_collections.ConfigDict(demo.configure(cfg.to_dict(), paths))
     out.lock()
     return out
 
