@@ -67,3 +67,11 @@ def run_json_child(cmd: list[str], env: dict, cwd: str) -> dict:
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    """What a results header names: the CPU kind (``hetclip.xla.cpu_description``) and the 1/5/15-minute
+    load averages (the machine may be shared)."""
+    from hetclip.xla import cpu_description
+
+    return {"cpu": cpu_description(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}

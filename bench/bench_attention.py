@@ -21,11 +21,10 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from _common import RESULTS, timed
+from _common import RESULTS, machine, timed
 from hetclip import towers
 from hetclip.config import load_config
 from hetclip.model import ModelConfig, preset
-from hetclip.xla import cpu_description
 from throughput import arch
 
 
@@ -82,8 +81,7 @@ def main(argv=None):
                          "ratio": med["dot_product_attention"] / med["heads_major"]})
             print(f"{name:11s} {jnp.dtype(dtype).name:8s} dpa {med['dot_product_attention'] * 1e3:8.2f} ms  "
                   f"heads-major {med['heads_major'] * 1e3:8.2f} ms  ratio {rows[-1]['ratio']:.2f}", flush=True)
-    meta = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "cpu": cpu_description(),
-            "loadavg": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
+    meta = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(), **machine(),
             "jax": jax.__version__, "python": platform.python_version(), "rounds": args.rounds,
             "repeats": args.repeats}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
