@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +40,10 @@ import time
 import numpy as np
 from PIL import Image
 
+from _common import add_before_after_args, extract_ref, run_json_child
 from hetclip.data import decode
 from hetclip.data.tools import ShardWriter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ("a photo of the red flower garden temple roof in china at night with trees blue sky old "
          "building petals close up view of a small cat cup coffee rocket astronaut").split()
 
@@ -180,20 +179,6 @@ def child_loader(args: argparse.Namespace) -> None:
                       "image_dtype": str(b["image"].dtype)}))
 
 
-def extract(ref: str, dest: str) -> str:
-    """``git archive REF`` laid out as an importable ``hetclip`` package; returns the PYTHONPATH entry."""
-    repo = os.path.dirname(HERE)
-    src, pkg = os.path.join(dest, "src"), os.path.join(dest, "pkg")
-    os.makedirs(src)
-    os.makedirs(pkg)
-    archive = subprocess.run(["git", "-C", repo, "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-    os.rename(os.path.join(src, "hetclip"), os.path.join(pkg, "hetclip"))
-    for sub in ("data", "zero_shot", "configs"):
-        os.rename(os.path.join(src, sub), os.path.join(pkg, "hetclip", sub))
-    return pkg
-
-
 def loader_rate(pythonpath: str | None, pattern: str, tok: str, size: int, workers: int, args) -> dict:
     env = dict(os.environ)
     if pythonpath:
@@ -201,8 +186,7 @@ def loader_rate(pythonpath: str | None, pattern: str, tok: str, size: int, worke
     cmd = [sys.executable, os.path.abspath(__file__), "--child-loader", "--shards", pattern, "--tokenizer", tok,
            "--size", str(size), "--workers", str(workers), "--batches", str(args.batches),
            "--batch-size", str(args.batch_size)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd="/")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd, env, "/")
 
 
 def implied(r: dict, cores: int) -> float:
@@ -223,15 +207,11 @@ def main() -> None:
     ap.add_argument("--shards")
     ap.add_argument("--tokenizer")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--before", default="main", help="git ref of the 'before' loader ('' to skip)")
+    add_before_after_args(ap, "loader")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batches", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of each loader run (best kept)")
     ap.add_argument("--cases", default="224,large,demo")
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if args.child_loader:
         args.workers = int(args.workers)
@@ -244,7 +224,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         versions = [("after", None)]
         if args.before:
-            versions.insert(0, ("before", extract(args.before, os.path.join(tmp, "before"))))
+            versions.insert(0, ("before", extract_ref(args.before, os.path.join(tmp, "before"))))
         patterns = {}
         for case in args.cases.split(","):
             out = os.path.join(tmp, case)

@@ -16,25 +16,15 @@ and the data-wait fraction the loop reports. Writes ``bench/results/feed_<tag>.j
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-
-
-def _bench_data():
-    spec = importlib.util.spec_from_file_location("bench_data", os.path.join(HERE, "bench_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _common import REPO, add_before_after_args, extract_ref, run_json_child
 
 
 def null_train_step(model_cfg, optimizer, mesh, accum_steps=1):
@@ -97,20 +87,6 @@ def child(args: argparse.Namespace) -> None:
                       "windows": len(rates)}))
 
 
-def extract(ref: str, dest: str) -> str:
-    """``git archive REF`` laid out as an importable ``hetclip`` package; returns the PYTHONPATH entry."""
-    src = os.path.join(dest, "src")
-    os.makedirs(src)
-    archive = subprocess.run(["git", "-C", REPO, "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-    pkg = os.path.join(dest, "pkg")
-    os.makedirs(pkg)
-    os.rename(os.path.join(src, "hetclip"), os.path.join(pkg, "hetclip"))
-    for sub in ("data", "zero_shot", "configs"):
-        os.rename(os.path.join(src, sub), os.path.join(pkg, "hetclip", sub))
-    return pkg
-
-
 def run_child(pythonpath: str | None, args: argparse.Namespace, shards: str, tok: str, workers: int) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     if pythonpath:
@@ -118,8 +94,7 @@ def run_child(pythonpath: str | None, args: argparse.Namespace, shards: str, tok
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shards", shards, "--tokenizer", tok,
            "--workers", str(workers), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--log-every", str(args.log_every)]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=REPO)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd, env, REPO)
 
 
 def main() -> None:
@@ -127,22 +102,22 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shards")
     ap.add_argument("--tokenizer")
-    ap.add_argument("--before", default="main", help="git ref of the 'before' loop ('' to skip)")
-    ap.add_argument("--workers", default="1,2")
+    add_before_after_args(ap, "loop")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=768)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--tag", default="")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    if args.steps < 3 * args.log_every:
+        ap.error(f"--steps {args.steps}: needs at least 3 logging windows of --log-every {args.log_every} "
+                 "(the first one is warm-up)")
     if args.child:
         args.workers = int(args.workers)
         return child(args)
     from hetclip.xla import cpu_description
 
-    bd = _bench_data()
+    import bench_data as bd  # its shard and tokenizer builders
+
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +129,7 @@ def main() -> None:
         tok = os.path.join(tmp, "tok")
         versions = [("after (this tree)", None)]
         if args.before:
-            versions.insert(0, (f"before ({args.before})", extract(args.before, os.path.join(tmp, "before"))))
+            versions.insert(0, (f"before ({args.before})", extract_ref(args.before, os.path.join(tmp, "before"))))
         runs: dict = {}
         for _ in range(args.rounds):  # interleaved, so load changes hit every configuration alike
             for name, path in versions:

@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from _common import RESULTS, machine
 from hetclip import losses
 
 MIB = 2 ** 20
@@ -106,7 +107,8 @@ def markdown(records, meta) -> str:
         "# Contrastive loss benchmark (forward + backward, one device)",
         "",
         f"Command: `{meta['command']}`  ",
-        f"{meta['date']}, JAX {meta['jax']}, {meta['backend']} ({meta['cpus']} CPUs visible, shared machine), "
+        f"{meta['date']}, {meta.get('cpu', meta['backend'])}, load {meta.get('loadavg', '?')}, JAX {meta['jax']}, "
+        f"{meta['backend']} ({meta['cpus']} CPUs visible, shared machine), "
         f"D={meta['dim']}, R={meta['rank']}, sample_chunk={meta['sample_chunk']}, class_chunk={meta['class_chunk']} "
         f"(for N > class_chunk), chunked matmul dtype {meta['matmul_dtype']}.",
         "",
@@ -145,7 +147,7 @@ def main(argv=None):
                    help="merge into an existing bench_losses.json in --out (same cases are replaced)")
     p.add_argument("--naive-limit-gib", type=float, default=0.5)
     p.add_argument("--impls", nargs="*", default=["chunked", "naive"], choices=["chunked", "naive"])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     sizes = args.sizes or ([256, 1024] if args.quick else [256, 1024, 4096])
     samples = args.samples or ([1, 8] if args.quick else [1, 8, 32])
@@ -155,7 +157,7 @@ def main(argv=None):
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
             "backend": f"{jax.default_backend()} {platform.processor() or platform.machine()}",
             "cpus": os.cpu_count(), "dim": args.dim, "rank": args.rank, "sample_chunk": args.sample_chunk,
-            "class_chunk": args.class_chunk, "matmul_dtype": args.matmul_dtype}
+            "class_chunk": args.class_chunk, "matmul_dtype": args.matmul_dtype, **machine()}
     records = []
     json_path = os.path.join(args.out, "bench_losses.json")
     if args.append and os.path.exists(json_path):

@@ -19,6 +19,8 @@ import time
 
 import ml_collections
 
+from _common import RESULTS, machine
+
 
 def case_config(base: str, het: bool, synthetic: bool, *, batch: int, steps: int, image_size: int, demo_dir: str,
                 workers: int):
@@ -43,9 +45,7 @@ def case_config(base: str, het: bool, synthetic: bool, *, batch: int, steps: int
     c.demo.dir = demo_dir
     c.demo.params = dict(seed=0, image_size=image_size, num_train=max(4 * batch * (steps + 2), 512),
                          shard_size=512, eval_per_class=2, eval_per_combo=1, image_format="jpg")
-    if base == "demo":
-        pass
-    else:  # CLIP-size model: its own context length with the demo's BPE
+    if base != "demo":  # CLIP-size model: its own context length with the demo's BPE
         c.data.tokenizer.context_length = c.model.text.context_length
     c.lock()
     return c
@@ -70,7 +70,7 @@ def run_case(name, cfg, skip: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps; demo model only")
-    p.add_argument("--out", default="bench/results/train")
+    p.add_argument("--out", default=os.path.join(RESULTS, "train"))
     p.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "hetclip_bench_demo"))
     args = p.parse_args(argv)
     steps = 8 if args.quick else 20
@@ -83,6 +83,7 @@ def main(argv=None):
             for synthetic in (True, False):
                 cases.append(("clip_b32", het, synthetic, 16, 4, 224))
     results = []
+    start = machine()
     for base, het, synthetic, batch, n, size in cases:
         name = f"{base} {'HET-XL' if het else 'DET'} batch {batch} {size}px data {'off' if synthetic else 'on'}"
         cfg = case_config(base, het, synthetic, batch=batch, steps=n, image_size=size,
@@ -93,7 +94,8 @@ def main(argv=None):
         results.append(res)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     meta = {"command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-            "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": start["cpu"],
+            "loadavg_start": start["loadavg"], "loadavg_end": machine()["loadavg"]}
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     lines = ["| case | samples/s (median) | min–max | data wait | HET-XL/DET time |", "|---|---|---|---|---|"]
@@ -104,7 +106,9 @@ def main(argv=None):
                      f"{r['samples_per_sec_max']:.1f} | {100 * r['data_wait_frac_median']:.0f}% | {ratio:.2f}× |")
     table = "\n".join(lines)
     with open(args.out + ".md", "w") as f:
-        f.write(f"Command: `python bench/bench_train.py{' --quick' if args.quick else ''}`\n\n{table}\n")
+        f.write(f"Command: `python bench/bench_train.py{' --quick' if args.quick else ''}`; {meta['time']}, "
+                f"{meta['cpu']}, load {meta['loadavg_start']} at the start, {meta['loadavg_end']} at the end\n\n"
+                f"{table}\n")
     print(table)
 
 

@@ -23,6 +23,8 @@ import zlib
 import jax
 import numpy as np
 
+from _common import RESULTS, machine
+
 
 class HashTokenizer:
     """Synthetic tokenizer: each lower-case word -> crc32 % (vocab - 2) + 1, then the eos token."""
@@ -57,7 +59,7 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--templates", type=int, default=80)
     p.add_argument("--text-batch-size", type=int, default=256)
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out-dir", default=RESULTS)
     args = p.parse_args(argv)
 
     het = {"enabled": args.mc_samples > 0}
@@ -96,12 +98,13 @@ def main(argv=None):
         "top1_random_model": m["top1"],
         "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine(),
     }
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "zero_shot.json"), "w") as f:
         json.dump(result, f, indent=2)
-    md = ["| model | px | batch | images | MC S | images/s | prompts | classifier s | prompts/s | "
+    md = [f"{result['time']}, {result['cpu']}, load {result['loadavg']}", "",
+          "| model | px | batch | images | MC S | images/s | prompts | classifier s | prompts/s | "
           "1000x80 s (extrap.) | backend |",
           "|---|---|---|---|---|---|---|---|---|---|---|",
           f"| {args.model} | {s} | {args.batch_size} | {args.images} | {args.mc_samples} | "

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-import ml_collections
+from _common import require_matplotlib
 
 TASKS = ("shape", "color", "shape_color")
 METRICS = ("top1", "nll", "ece")
@@ -76,15 +76,6 @@ def reading(results: dict[str, list[dict]]) -> str:
             lines.append(f"  - {m}: HET-XL - DET = {diff:+.3f} ({'better' if better else 'worse'} for HET-XL), "
                          f"{verdict}{' one seed standard deviation' if spread else ''} ({spread:.3f})")
     return "\n".join(lines)
-
-
-def require_matplotlib(path: str):
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\" "
-                         f"(or pass --figure '' for no figure)") from e
-    return matplotlib
 
 
 def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
@@ -188,7 +179,7 @@ def main(argv=None):
         interpretation = saved.get("interpretation", "")
         for k in ("seeds", "steps", "noise"):
             setattr(args, k, saved["args"][k])
-        args.noise_easy = saved["args"].get("noise_easy", 0.0)  # JSON written before --noise-easy existed
+        args.noise_easy = saved["args"].get("noise_easy", 0.0)  # absent: no noise on easy samples
     else:
         results = train_all(args)
         machine = _machine()

@@ -23,6 +23,7 @@ from runs made by this script.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,8 @@ import sys
 import time
 
 import numpy as np
+
+from _common import require_matplotlib
 
 ARMS = ("DET", "HET", "HET-XL", "DET-T")
 ARM_HELP = ("DET: linear softmax head; HET: noise in logit space; HET-XL: noise on the pre-logits; "
@@ -132,6 +135,19 @@ def label_distribution(labels, hard, partner, flip_prob: float, num_classes: int
     q[rows, labels] += 1.0 - p
     q[rows, partner[labels]] += p
     return q
+
+
+def noise_audit(labels, noisy, flipped, hard, partner) -> dict:
+    """What one label draw did: flips, the flip rate among the hard images, and the flips that left the
+    hard images or went elsewhere than the partner class (both 0 when the generator does what it says);
+    ``labels_sha1`` identifies the draw (equal across arms and runs with the same seed)."""
+    labels, noisy = np.asarray(labels), np.asarray(noisy)
+    changed = noisy != labels
+    return {"flipped": int(flipped.sum()), "changed": int(changed.sum()),
+            "labels_sha1": hashlib.sha1(noisy.astype(np.int32).tobytes()).hexdigest()[:16],
+            "hard_flip_rate": float(flipped[hard].mean()) if hard.any() else math.nan,
+            "outside_hard": int((changed & ~hard).sum()),
+            "not_to_partner": int((changed & (noisy != partner[labels])).sum())}
 
 
 def batch_order(num_examples: int, batch_size: int, steps: int, seed: int):
@@ -410,8 +426,13 @@ def run_all(args, cfg: RunConfig, log=print) -> dict:
     data = {"train": int(len(first[1])), "test": int(len(first[3])), "classes": k, "partner": first[4].tolist(),
             "hard_train": int(first[5].sum()), "splits": list(splits),
             **{key: statistics.mean(pl[key] for pl in placements) for key in placements[0]},
-            "flipped_train": {f"{p:g}": [int(noisy_labels(setups[sp][1], setups[sp][5], setups[sp][4], p, s)[1].sum())
-                                         for sp in splits for s in range(args.seeds)] for p in args.flip_probs}}
+            "hard_per_class": [int(first[5][first[1] == c].sum()) for c in range(k)],
+            "train_per_class": [int((first[1] == c).sum()) for c in range(k)]}
+    audits = {f"{p:g}": [noise_audit(setups[sp][1], *noisy_labels(setups[sp][1], setups[sp][5], setups[sp][4], p, s),
+                                     setups[sp][5], setups[sp][4]) for sp in splits for s in range(args.seeds)]
+              for p in args.flip_probs}
+    data["flipped_train"] = {p: [a["flipped"] for a in runs] for p, runs in audits.items()}
+    data["label_noise"] = audits  # per p: one audit per (split, seed), split-major
     if len(splits) > 1:
         data["partner_by_split"] = {str(sp): setups[sp][4].tolist() for sp in splits}
     return {"results": results, "regimes": regimes, "params": params, "data": data,
@@ -540,15 +561,6 @@ def pairs_text(report: dict) -> str:
 def mean_spread_or_nan(values) -> str:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return mean_std(vals) if vals else "–"
-
-
-def require_matplotlib(path: str):
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise SystemExit(f"plotting {path} needs matplotlib: pip install -e \".[plot]\" "
-                         f"(or pass --figure '' for no figure)") from e
-    return matplotlib
 
 
 def plot(report: dict, path: str) -> None:

@@ -42,11 +42,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from throughput import (ARCH, _timed, hetclip_inputs, hetclip_model_cfg,  # noqa: E402  (no jax at import)
-                        hetclip_train_parts)
+from _common import RESULTS, timed
+from throughput import arch, hetclip_inputs, hetclip_model_cfg, hetclip_train_parts  # no jax at import
 
 KINDS = ("dense matmul", "attention matmul", "layout copy", "reduction", "elementwise", "async matmul")
 _MOVE_OPS = {"parameter", "constant", "transpose", "copy", "bitcast", "reshape", "broadcast", "concatenate",
@@ -215,11 +212,11 @@ def torch_matmul_gflops(python: str, m: int, k: int, n: int, dtype: str, threads
 
 
 def _min_time(fn, n: int) -> float:
-    return min(_timed(fn, n))
+    return min(timed(fn, n))
 
 
 def _median_time(fn, n: int) -> float:
-    return statistics.median(_timed(fn, n))
+    return statistics.median(timed(fn, n))
 
 
 def markdown(rep: dict) -> str:
@@ -257,10 +254,10 @@ def markdown(rep: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", choices=["tiny", "B/32"])
+    ap.add_argument("--model", default="tiny", help="a hetclip.model preset")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--het", type=int, default=0, help="HET-XL MC samples (0: DET)")
-    ap.add_argument("--batch", type=int, default=0, help="default: throughput.py's (64 tiny, 32 B/32)")
+    ap.add_argument("--batch", type=int, default=0, help="default: throughput.py's for the preset")
     ap.add_argument("--steps", type=int, default=3, help="traced steps")
     ap.add_argument("--timed-steps", type=int, default=6, help="untraced steps timed for the wall time")
     ap.add_argument("--top", type=int, default=15, help="op groups listed in the report")
@@ -278,9 +275,12 @@ def main(argv=None) -> int:
     from hetclip.xla import configure_cpu_flags, cpu_description
 
     configure_cpu_flags()
-    a = ARCH[args.model]
-    spec = {"model": args.model, "dtype": args.dtype, "het": args.het, "batch": args.batch or a["batch"]}
-    out = args.out or os.path.join(HERE, "results", f"profile_{args.model.replace('/', '')}_{args.dtype}")
+    try:
+        a = arch(args.model)
+    except ValueError as e:
+        ap.error(f"--model: {e}")
+    spec = {"model": args.model, "arch": a, "dtype": args.dtype, "het": args.het, "batch": args.batch or a["batch"]}
+    out = args.out or os.path.join(RESULTS, f"profile_{args.model.replace('/', '')}_{args.dtype}")
     n_tok = (a["image"] // a["patch"]) ** 2 + 1
     m, k, n = spec["batch"] * n_tok, a["vw"], 4 * a["vw"]
     jax_before = jax_matmul_gflops(m, k, n, args.dtype)

@@ -6,9 +6,11 @@ Each framework runs in its own persistent subprocess (compilation / warm-up is p
 variant); the driver alternates short timed blocks of every variant of a case for several rounds,
 so load from other processes on a shared machine hits all variants alike. Every block starts with
 untimed steps (``--block-warmup``, default 1: the first step after a worker sat idle can be much
-slower on a VM, see bench/README.md). Both sides build the same architecture (open_clip's ``CLIP``
-from the hetclip preset's dimensions; parameter counts are asserted equal), the same batch, resolution and precision (fp32, or bf16 = ``torch.autocast(cpu,
-bfloat16)`` vs hetclip ``dtype='bfloat16'``: bf16 matmul inputs, fp32 parameters/accumulation),
+slower on a VM, see bench/README.md). A case is a ``hetclip.model`` preset: both sides build its
+architecture (open_clip's ``CLIP`` from the preset's dimensions, sent to its worker by the driver;
+parameter counts are asserted equal), the same batch, resolution and precision (fp32, or bf16 =
+``torch.autocast(cpu, bfloat16)`` vs hetclip ``dtype='bfloat16'``: bf16 matmul inputs, fp32
+parameters/accumulation),
 the same loss (CLIP softmax), AdamW with global-norm clipping 1.0, and the same thread count.
 hetclip trains with ``hetclip.train.make_train_step`` on a 1-device mesh (donated state) and infers
 through ``hetclip.model.Encoders``. HET-XL variants (S MC samples) run on hetclip only.
@@ -28,16 +30,25 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from _common import REPO, RESULTS, timed
 
-# Architecture dims, mirroring hetclip.model.PRESETS (the hetclip worker checks they agree).
-ARCH = {
-    "tiny": dict(embed=256, vw=256, vl=6, vh=4, patch=8, image=64, tw=256, tl=6, th=4, vocab=8192, ctx=32,
-                 act="gelu", batch=64),
-    "B/32": dict(embed=512, vw=768, vl=12, vh=12, patch=32, image=224, tw=512, tl=12, th=8, vocab=49408, ctx=77,
-                 act="quick_gelu", batch=32),
-}
+BATCH = {"tiny": 64}  # default batch per preset; the others use DEFAULT_BATCH
+DEFAULT_BATCH = 32
+
+
+def arch(model: str) -> dict:
+    """The dimensions of ``hetclip.model.preset(model)`` both workers build from (the open_clip worker
+    runs without hetclip, so the driver sends them), plus the case's default batch."""
+    from hetclip.model import preset
+
+    c = preset(model)
+    v, t = c.vision, c.text
+    if v.activation != t.activation:
+        raise ValueError(f"preset {model!r}: open_clip's CLIP has one activation for both towers, the preset has "
+                         f"{v.activation!r} (vision) and {t.activation!r} (text)")
+    return dict(embed=c.embed_dim, vw=v.width, vl=v.layers, vh=v.heads, patch=v.patch_size, image=v.image_size,
+                tw=t.width, tl=t.layers, th=t.heads, vocab=t.vocab_size, ctx=t.context_length, eos=t.eos_token_id,
+                act=v.activation, batch=BATCH.get(model, DEFAULT_BATCH))
 
 
 def forward_flops(a: dict, mode: str) -> float:
@@ -72,44 +83,26 @@ def _serve(handlers: dict) -> None:
             return
 
 
-def _timed(fn, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def hetclip_model_cfg(spec: dict):
-    """The hetclip preset for a benchmark spec (model, dtype, het), checked against ``ARCH``."""
+    """The hetclip preset of a benchmark spec (model, dtype, het)."""
     from hetclip.model import preset
 
-    a = ARCH[spec["model"]]
-    over = dict(dtype=spec["dtype"], embed_dim=a["embed"],
-                text={"vocab_size": a["vocab"], "eos_token_id": a["vocab"] - 1, "context_length": a["ctx"]})
+    over = dict(dtype=spec["dtype"])
     if spec["het"]:
         over["het"] = {"enabled": True, "num_samples": spec["het"]}
-    cfg = preset(spec["model"], **over)
-    v, t = cfg.vision, cfg.text
-    got = dict(vw=v.width, vl=v.layers, vh=v.heads, patch=v.patch_size, image=v.image_size, tw=t.width,
-               tl=t.layers, th=t.heads, act=v.activation)
-    for k, val in got.items():
-        if a[k] != val:
-            raise ValueError(f"bench ARCH[{spec['model']!r}][{k!r}]={a[k]} but the hetclip preset has {val}")
-    return cfg
+    return preset(spec["model"], **over)
 
 
 def hetclip_inputs(spec: dict):
     """Random images ``[b, H, W, 3]`` and token ids ``[b, ctx]`` (one EOS per row) for a spec."""
     import numpy as np
 
-    a = ARCH[spec["model"]]
+    a = spec["arch"]
     b = spec["batch"]
     rng = np.random.default_rng(0)
     images = rng.standard_normal((b, a["image"], a["image"], 3), dtype=np.float32)
     tokens = rng.integers(1, a["vocab"] - 1, (b, a["ctx"]), dtype=np.int32)
-    tokens[np.arange(b), rng.integers(5, a["ctx"], b)] = a["vocab"] - 1
+    tokens[np.arange(b), rng.integers(5, a["ctx"], b)] = a["eos"]
     return images, tokens
 
 
@@ -180,13 +173,13 @@ def hetclip_worker(threads: int, xla_config: bool) -> None:
                 def run():
                     jax.block_until_ready(enc.text_embeddings(tokens))
         # 3 calls: the 2nd can recompile once the donated state comes back with the step's shardings
-        warm = _timed(run, 3)
+        warm = timed(run, 3)
         variants[msg["id"]] = run
         return {"params": n_params, "head_params": n_head, "first_s": time.perf_counter() - t0, "warm": warm[-1],
                 "devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     def run(msg):
-        return {"times": _timed(variants[msg["id"]], msg["n"])}
+        return {"times": timed(variants[msg["id"]], msg["n"])}
 
     def free(msg):
         variants.pop(msg["id"], None)
@@ -229,7 +222,7 @@ def openclip_worker(threads: int) -> None:
         spec = msg["spec"]
         if spec["het"]:
             raise ValueError("open_clip has no HET-XL head")
-        a = ARCH[spec["model"]]
+        a = spec["arch"]
         b = spec["batch"]
         torch.manual_seed(0)
         model = build(a)
@@ -237,7 +230,7 @@ def openclip_worker(threads: int) -> None:
         images = torch.randn(b, 3, a["image"], a["image"])
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(1, a["vocab"] - 1, (b, a["ctx"]), generator=g)
-        tokens[torch.arange(b), torch.randint(5, a["ctx"], (b,), generator=g)] = a["vocab"] - 1
+        tokens[torch.arange(b), torch.randint(5, a["ctx"], (b,), generator=g)] = a["eos"]
         bf16 = spec["dtype"] == "bfloat16"
 
         def autocast():
@@ -274,13 +267,13 @@ def openclip_worker(threads: int) -> None:
                 def run():
                     with torch.inference_mode(), autocast():
                         F.normalize(model.encode_text(tokens), dim=-1).float()
-        warm = _timed(run, 2)
+        warm = timed(run, 2)
         variants[msg["id"]] = run
         return {"params": n_params, "head_params": 0, "first_s": time.perf_counter() - t0, "warm": warm[-1],
                 "threads": torch.get_num_threads()}
 
     def run(msg):
-        return {"times": _timed(variants[msg["id"]], msg["n"])}
+        return {"times": timed(variants[msg["id"]], msg["n"])}
 
     def free(msg):
         variants.pop(msg["id"], None)
@@ -334,24 +327,26 @@ def plan(args) -> list[dict]:
     """Groups of variants timed against each other (one group = one model/mode/dtype)."""
     groups = []
     for model in args.cases:
-        batch = args.batch or (ARCH[model]["batch"] // (2 if args.quick else 1))
+        a = arch(model)
+        batch = args.batch or (a["batch"] // (2 if args.quick else 1))
         for dtype in args.dtypes:
             for mode in args.modes:
                 variants = [("open_clip", 0), ("hetclip", 0)]
                 if mode == "train" and model in args.het_models:
                     variants += [("hetclip", s) for s in args.het_samples]
-                groups.append({"model": model, "mode": mode, "dtype": dtype, "batch": batch, "variants": variants})
+                groups.append({"model": model, "arch": a, "mode": mode, "dtype": dtype, "batch": batch,
+                               "variants": variants})
     return groups
 
 
 def run_group(group, workers, args, log) -> dict:
-    a = ARCH[group["model"]]
+    a = group["arch"]
     mult = 3 if group["mode"] == "train" else 1
     flops = mult * forward_flops(a, group["mode"])
     entries = []
     for fw, het in group["variants"]:
-        spec = {k: group[k] for k in ("model", "mode", "dtype", "batch")} | {"het": het}
-        vid = f"{fw}|{spec}"
+        spec = {k: group[k] for k in ("model", "arch", "mode", "dtype", "batch")} | {"het": het}
+        vid = f"{fw}|{group['model']}|{group['mode']}|{group['dtype']}|{group['batch']}|{het}"
         info = workers[fw].call(op="setup", id=vid, spec=spec)
         log(f"  setup {fw} het={het}: {info['params']:,} params, first+warm {info['first_s']:.1f}s, "
             f"step {info['warm']:.3f}s")
@@ -371,7 +366,7 @@ def run_group(group, workers, args, log) -> dict:
         e["stats"] = _stats(e["times"], group["batch"], flops)
     by = {(e["framework"], e["het_samples"]): e for e in entries}
     oc, hc = by.get(("open_clip", 0)), by[("hetclip", 0)]
-    result = {k: group[k] for k in ("model", "mode", "dtype", "batch")}
+    result = {k: group[k] for k in ("model", "arch", "mode", "dtype", "batch")}
     result.update(params=hc["setup"]["params"], flops_per_sample=flops, loadavg_1min_end=os.getloadavg()[0],
                   results=[{k: e[k] for k in ("framework", "het_samples", "stats", "times")} for e in entries])
     if oc is not None:
@@ -413,12 +408,14 @@ def main(argv=None) -> int:
     ap.add_argument("--openclip-python", default="/work/ocvenv/bin/python",
                     help="python of a venv with open_clip_torch (see bench/README.md); '' to skip open_clip")
     ap.add_argument("--hetclip-python", default=sys.executable)
-    ap.add_argument("--cases", default="tiny,B/32", help="comma list of models: tiny, B/32")
+    ap.add_argument("--cases", default="tiny,B/32", help="comma list of hetclip.model presets")
     ap.add_argument("--modes", default="train,image,text")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--het-samples", default="8,32", help="HET-XL sample counts (hetclip training only)")
     ap.add_argument("--het-models", default=None, help="models with HET-XL variants (default: all cases)")
-    ap.add_argument("--batch", type=int, default=0, help="override the batch (default 64 tiny, 32 B/32)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help=f"override the batch (default {', '.join(f'{b} {m}' for m, b in BATCH.items())}, "
+                         f"{DEFAULT_BATCH} other presets)")
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 4, --quick 2)")
     ap.add_argument("--block-seconds", type=float, default=0.0, help="time per block (default 3, --quick 1)")
     ap.add_argument("--max-steps-per-block", type=int, default=20)
@@ -428,7 +425,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-xla-config", action="store_true", help="don't apply hetclip.xla.configure_cpu_flags()")
     ap.add_argument("--quick", action="store_true", help="tiny only, half batch, fewer/shorter rounds")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "throughput"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "throughput"))
     ap.add_argument("--worker", choices=["hetclip", "open_clip"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -442,9 +439,11 @@ def main(argv=None) -> int:
     if args.quick and args.cases == "tiny,B/32":
         args.cases = "tiny"
     args.cases = [c for c in args.cases.split(",") if c]
+    from hetclip.model import PRESETS  # not at the top: the open_clip worker runs this file without hetclip
+
     for c in args.cases:
-        if c not in ARCH:
-            ap.error(f"--cases: unknown model {c!r} (choose from {', '.join(ARCH)})")
+        if c not in PRESETS:
+            ap.error(f"--cases: unknown model {c!r} (hetclip.model presets: {', '.join(PRESETS)})")
     args.modes = [m for m in args.modes.split(",") if m]
     for m in args.modes:
         if m not in ("train", "image", "text"):
@@ -460,7 +459,7 @@ def main(argv=None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.block_seconds = args.block_seconds or (1.0 if args.quick else 3.0)
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     me = os.path.abspath(__file__)
     common = [me, "--threads", str(args.threads)] + (["--no-xla-config"] if args.no_xla_config else [])
     workers = {"hetclip": Worker("hetclip", [args.hetclip_python] + common + ["--worker", "hetclip"], env)}

@@ -18,7 +18,7 @@ def get_config(arg: str = ""):
         # Sized so that the whole main job stays under 10 minutes on 2 AVX2 cores in fp32 (the captions
         # are short and use ~60 words, so the text tower is the smaller one). 16-pixel patches: 16 tokens
         # per image make a step ~3x cheaper than 8-pixel ones and a ViT this small learns the shapes
-        # faster from them (notes of issue 4), so the budget buys ~3x the steps.
+        # faster from them (measured on the demo data), so the budget buys ~3x the steps.
         vision=dict(width=160, layers=4, heads=5, patch_size=16, image_size=64),
         text=dict(width=128, layers=2, heads=2, context_length=24),
         embed_dim=128, dtype="auto")  # bf16 where it is fast (AMX, AVX-512 BF16, GPU, TPU)
@@ -27,9 +27,9 @@ def get_config(arg: str = ""):
     c.batch_size = 128
     c.total_steps = 900
     c.log_every = 20
-    # Peak 5e-4: zero-shot shape after 900 steps was 52 % at 1e-3, 64 % at 5e-4 and 61 % at 3e-4; 3e-3 was
-    # still at 16 % at step 600 (one seed each, notes of issue 4): a high rate keeps the model on the colour
-    # shortcut.
+    # Peak 5e-4: zero-shot shape after 900 steps is 52 % at 1e-3, 64 % at 5e-4 and 61 % at 3e-4; 3e-3 is
+    # still at 16 % at step 600 (one seed each; docs/PERFORMANCE.md): a high rate keeps the model on the
+    # colour shortcut.
     c.optim.update(lr=5e-4, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
     c.data.update(image_size=64, crop_scale=(0.8, 1.0), shuffle_buffer=2000, num_workers=2,
                   tokenizer=dict(kind="hf", path="", context_length=24, lower_case=True))

@@ -2,9 +2,9 @@
 
 XLA:CPU allocates and frees its large temporary buffers on every step. With glibc's allocator those
 buffers are mmap'ed and unmapped each time, so every step re-faults its working set page by page:
-on the 2-core AVX2 machine a demo training step took 1.79 s with glibc and 1.20 s with mimalloc
-(no purging, transparent huge pages); the page faults of 10 steps fell from 2.6 M to 31 k
-(notes of issue 7). An allocator cannot be swapped inside a running process, so the console
+on the 2-core AVX2 machine a demo training step takes 1.79 s with glibc and 1.20 s with mimalloc
+(no purging, transparent huge pages), and 10 steps page-fault 2.6 M times with glibc, 31 k times with
+mimalloc (docs/PERFORMANCE.md). An allocator cannot be swapped inside a running process, so the console
 scripts re-execute themselves once with mimalloc (from the ``cmeel-mimalloc`` wheel) preloaded.
 
 ``HETCLIP_ALLOCATOR=system`` turns this off; the library itself (``import hetclip``) never does it.

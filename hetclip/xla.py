@@ -7,19 +7,8 @@ import os
 import platform
 import sys
 
-# flag -> value added by ``configure_cpu_flags``. Empty on purpose: on the 2-core AMX Xeon used for
-# bench/throughput.py none of these beat XLA's defaults beyond run-to-run noise (±10%), measured
-# on fp32 matmuls (4160x256x1024, 1600x768x3072) and the tiny model's image inference / train step:
-#   --xla_cpu_use_onednn=true (+ --xla_cpu_experimental_onednn_custom_call=true): train -8%, image +11%
-#   --xla_cpu_use_xnnpack=false: ±5%;  --xla_cpu_enable_fast_math=true: ±2%
-#   --xla_cpu_experimental_xnn_fusion_type=individual_dot / ..._ynn_fusion_type=individual_dot: within noise
-# On the 2-core AVX2 EPYC (tiny train step, same process, ±8 % noise): YNN fusion off, YNN dot+eltwise+reduce (28 % slower),
-# YNN individual_dot (18 % slower), XNN dot+eltwise, --xla_cpu_use_xnnpack=false, XNN graph fusion GREEDY,
-# --xla_cpu_multi_thread_eigen=false, --xla_cpu_enable_concurrency_optimized_scheduler=false: none faster.
-# Later (same step, one process per setting, 2 rounds): --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED,
-# --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME, --xla_cpu_use_onednn=true: within noise; tiling propagation
-# 20 % slower; --xla_cpu_use_multi_output_fusion=true did not run.
-# Add a flag here only with a measured gain; users' own XLA_FLAGS always win.
+# flag -> value added by ``configure_cpu_flags``: a flag belongs here only with a measured gain over XLA's
+# defaults (none has one; docs/PERFORMANCE.md lists the flags measured). Users' own XLA_FLAGS always win.
 CPU_FLAGS: dict[str, str] = {}
 
 # /proc/cpuinfo flags of CPUs with native bf16 dot products (bf16 x bf16 -> fp32 in hardware).

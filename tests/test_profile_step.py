@@ -1,89 +1,58 @@
-"""bench/profile_step.py: op classification of optimised HLO and per-op times from a real profiler trace."""
+"""bench/profile_step.py through its command line: a tiny profile of the real training step, whose op
+classification is checked against the step's analytic matmul FLOPs."""
+import json
 import math
 
-import jax
-import jax.numpy as jnp
 import pytest
 
+from hetclip.model import preset
 
-@pytest.fixture(scope="module")
-def prof(bench_script):
-    return bench_script("profile_step")
-
-
-def _attention_block(x, w, wo):
-    b, t, d = x.shape
-    h = (x @ w).reshape(b, t, 2, d // 2).transpose(0, 2, 1, 3)  # dense matmul, then heads-major
-    p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", h, h), axis=-1)  # batched matmul, reduction
-    ctx = jnp.einsum("bhqk,bhkd->bhqd", p, h).transpose(0, 2, 1, 3).reshape(b, t, d)
-    return jnp.tanh(ctx @ wo)
+KINDS = ["dense matmul", "attention matmul", "layout copy", "reduction", "elementwise", "async matmul"]
 
 
-def test_classify_and_time_a_real_trace(prof, tmp_path):
-    b, t, d = 4, 24, 32
-    args = (jnp.ones((b, t, d)), jnp.ones((d, d)) * 0.01, jnp.ones((d, d)) * 0.01)
-    compiled = jax.jit(_attention_block).lower(*args).compile()
-    table = prof.classify(compiled.as_text())
-    assert set(r["kind"] for r in table.values()) <= set(prof.KINDS)
-    dense = sum(r["flops"] for r in table.values() if r["kind"] == "dense matmul")
-    attention = sum(r["flops"] for r in table.values() if r["kind"] == "attention matmul")
-    # two [b*t, d] x [d, d] projections; q·kᵀ and p·v over 2 heads of d/2
-    assert dense == pytest.approx(2 * 2 * b * t * d * d)
-    assert attention == pytest.approx(2 * (2 * b * 2 * t * t * (d // 2)))
-    assert any(r["kind"] in ("reduction", "elementwise") for r in table.values() if not r["flops"])
+def _matmul_flops(batch: int) -> tuple[float, float]:
+    """(dense, attention) matmul FLOPs of one DET training step of the tiny preset (2 per multiply-add).
 
-    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
-        for _ in range(2):
-            jax.block_until_ready(compiled(*args))
-    times = prof.op_times(prof.read_trace(str(tmp_path)), table, steps=2)
-    assert times and set(times) <= set(table)
-    assert all(v > 0 for v in times.values())
-    rows = prof.summarise(table, times)
-    assert [r["kind"] for r in rows] == list(prof.KINDS)
-    assert math.isclose(sum(r["share"] for r in rows), 1.0)
-    assert sum(r["ops"] for r in rows) == len(times)
+    Backward = 2x forward (input and weight gradients), except the patch embedding (no input gradient:
+    the images are data) and the token embedding (a gather, no matmul)."""
+    c = preset("tiny")
+    v, t, d = c.vision, c.text, c.embed_dim
+    tv, tt = (v.image_size // v.patch_size) ** 2 + 1, t.context_length
+    dense = (24 * tv * v.width ** 2 * v.layers + 24 * tt * t.width ** 2 * t.layers
+             + 2 * v.width * d + 2 * t.width * d)  # towers and projections, forward, per example
+    patch = 2 * (tv - 1) * v.patch_size ** 2 * 3 * v.width
+    logits = 2 * batch * batch * d  # image-text similarities of the batch, forward
+    attention = 4 * tv ** 2 * v.width * v.layers + 4 * tt ** 2 * t.width * t.layers
+    return 3 * batch * dense + 2 * batch * patch + 3 * logits, 3 * batch * attention
 
 
-def test_parse_hlo_and_dot_flops(prof):
-    text = """HloModule m
-
-%fused (p0: f32[8,4,16], p1: f32[16,3]) -> f32[8,4,3] {
-  %p0 = f32[8,4,16]{2,1,0} parameter(0)
-  %p1 = f32[16,3]{1,0} parameter(1)
-  ROOT %dot.1 = f32[8,4,3]{2,1,0} dot(f32[8,4,16]{2,1,0} %p0, f32[16,3]{1,0} %p1), lhs_contracting_dims={2}, rhs_contracting_dims={0}
-}
-
-%moved (p0.1: f32[8,4,3]) -> f32[3,32] {
-  %p0.1 = f32[8,4,3]{2,1,0} parameter(0)
-  %transpose.2 = f32[3,8,4]{0,2,1} transpose(f32[8,4,3]{2,1,0} %p0.1), dimensions={2,0,1}
-  %copy.3 = f32[3,8,4]{2,1,0} copy(f32[3,8,4]{0,2,1} %transpose.2)
-  ROOT %bitcast.4 = f32[3,32]{1,0} bitcast(f32[3,8,4]{2,1,0} %copy.3)
-}
-
-ENTRY %main (a: f32[8,4,16], w: f32[16,3]) -> f32[3,32] {
-  %a = f32[8,4,16]{2,1,0} parameter(0)
-  %w = f32[16,3]{1,0} parameter(1)
-  %dot_fusion = f32[8,4,3]{2,1,0} fusion(f32[8,4,16]{2,1,0} %a, f32[16,3]{1,0} %w), kind=kOutput, calls=%fused
-  ROOT %copy_fusion = f32[3,32]{1,0} fusion(f32[8,4,3]{2,1,0} %dot_fusion), kind=kLoop, calls=%moved
-}
-"""
-    table = prof.classify(text)
-    assert table["dot_fusion"]["kind"] == "dense matmul"
-    assert table["dot_fusion"]["flops"] == 2 * 8 * 4 * 3 * 16
-    assert table["copy_fusion"]["kind"] == "layout copy"
-    assert table["a"]["kind"] == "layout copy" and table["a"]["flops"] == 0
+@pytest.mark.slow
+def test_tiny_profile_accounts_for_every_matmul(run_bench, tmp_path):
+    batch = 2
+    proc = run_bench("profile_step", "--model", "tiny", "--batch", batch, "--steps", 1, "--timed-steps", 1,
+                     "--torch-python", "", "--out", tmp_path / "prof",
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "prof.json").read_text())
+    dense, attention = _matmul_flops(batch)
+    # every dot of the compiled step found in its HLO and classified by whether it has batch dimensions
+    assert rep["dense_gflop"] * 1e9 == pytest.approx(dense, rel=1e-6)
+    kinds = {r["kind"]: r for r in rep["kinds"]}
+    assert list(kinds) == KINDS
+    # the traced ops cover all of them (async ones are dense or attention matmuls whose event is the launch)
+    traced = sum(kinds[k]["gflop"] for k in ("dense matmul", "attention matmul", "async matmul")) * 1e9
+    assert traced == pytest.approx(dense + attention, rel=1e-6)
+    assert kinds["attention matmul"]["gflop"] * 1e9 <= attention * (1 + 1e-6)
+    assert math.isclose(sum(r["share"] for r in rep["kinds"]), 1.0)
+    assert sum(r["ops"] for r in rep["kinds"]) == sum(g["count"] for g in rep["op_groups"])
+    assert all(r["s"] >= 0 for r in rep["kinds"]) and rep["op_s"] > 0 and rep["step_s"] > 0
+    assert rep["ceiling"]["jax_gflops"] > 0 and "torch_gflops" not in rep["ceiling"]
+    text = (tmp_path / "prof.md").read_text()
+    assert "| dense matmul |" in text and "Matmul ceiling" in text
 
 
-def test_async_matmuls_and_groups(prof):
-    table = {"fast": {"kind": "dense matmul", "flops": 2e9, "shape": "f32[8,8]", "ops": ["dot"]},
-             "launch_only": {"kind": "dense matmul", "flops": 2e9, "shape": "f32[8,8]", "ops": ["dot"]},
-             "add1": {"kind": "elementwise", "flops": 0.0, "shape": "f32[8]", "ops": ["add"]},
-             "add2": {"kind": "elementwise", "flops": 0.0, "shape": "f32[8]", "ops": ["add"]}}
-    times = {"fast": 0.02, "launch_only": 0.0001, "add1": 0.003, "add2": 0.001}  # 100 vs 20,000 GFLOP/s
-    assert prof.mark_async(table, times, max_gflops=150.0) == 1
-    assert table["fast"]["kind"] == "dense matmul" and table["launch_only"]["kind"] == "async matmul"
-    groups = prof.group_ops(table, times)
-    assert groups[0]["example"] == "fast" and groups[0]["count"] == 1
-    adds = next(g for g in groups if g["kind"] == "elementwise")
-    assert adds["count"] == 2 and adds["s"] == pytest.approx(0.004)
-    assert sum(g["s"] for g in groups) == pytest.approx(sum(times.values()))
+def test_unknown_model_is_named(run_bench, tmp_path):
+    proc = run_bench("profile_step", "--model", "B/23", "--torch-python", "", "--out", tmp_path / "prof",
+                     env={"HETCLIP_ALLOCATOR": "system"}, timeout=120)
+    assert proc.returncode == 2 and "--model: unknown model preset 'B/23'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
