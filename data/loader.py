@@ -57,9 +57,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_bad_fraction": 0.01,
     "bad_check_after": 1000,
     "epochs": None,             # None: repeat forever
-    "chunk_size": 16,           # (evaluation loader only; accepted for old configs)
     "prefetch": 2,              # batches decoded ahead (shared-memory slots)
-    "start_method": "spawn",    # (evaluation loader only; accepted for old configs)
     "warn_limit": 20,
 }
 EVAL_DEFAULTS: dict[str, Any] = {

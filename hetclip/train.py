@@ -39,6 +39,7 @@ from hetclip.data.loader import TooManyBadSamples
 from hetclip.data.workers import DataWorkerError
 from hetclip.prefetch import DevicePrefetcher
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params, normalize_images
+from hetclip.optim import make_optimizer, make_schedule
 from hetclip.towers import compute_dtype
 
 log = logging.getLogger("hetclip.train")
@@ -73,73 +74,6 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
         return ModelConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise config_lib.ConfigError(f"config 'model': {e}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer
-
-
-def make_schedule(o: ml_collections.ConfigDict, total_steps: int):
-    """Linear warm-up from ``warmup_init_lr`` to ``lr``, then cosine (to ``end_lr``) or rsqrt decay."""
-    warm = int(o.warmup_steps)
-    if warm >= total_steps:
-        raise config_lib.ConfigError(f"optim.warmup_steps={warm} must be smaller than total_steps={total_steps}")
-    warmup = optax.linear_schedule(o.warmup_init_lr, o.lr, max(warm, 1))
-    if o.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(o.lr, max(total_steps - warm, 1), alpha=o.end_lr / o.lr if o.lr else 0.0)
-    elif o.schedule == "rsqrt":
-        timescale = max(int(o.get("rsqrt_timescale", 10_000)), 1)
-
-        def decay(step):
-            return o.lr / jnp.sqrt(1.0 + step / timescale)
-    elif o.schedule == "constant":
-        decay = optax.constant_schedule(o.lr)
-    else:
-        raise config_lib.ConfigError(f"optim.schedule={o.schedule!r} is not one of 'cosine', 'rsqrt', 'constant'")
-    return optax.join_schedules([warmup, decay], [warm]) if warm else decay
-
-
-GROUPS = ("image", "text", "head", "temperature")
-
-
-def param_group(path: tuple[str, ...]) -> str:
-    top = path[0]
-    if top in ("vision_model", "visual_projection"):
-        return "image"
-    if top in ("text_model", "text_projection"):
-        return "text"
-    if top == "temperature":
-        return "temperature"
-    return "head"  # het_head, logit_bias
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
-    """AdamW (paper defaults) with clipping, weight-decay mask, per-tower lr multipliers and freezing."""
-    o = cfg.optim
-    schedule = make_schedule(o, total_steps)
-    frozen = {g for g in GROUPS if cfg.freeze.get(g, False)}
-
-    def label(path, x):
-        g = param_group(_path_names(path))
-        return "frozen" if g in frozen else g
-
-    labels = jax.tree_util.tree_map_with_path(label, params)
-    # Decay matrices only: not biases, LayerNorm, the class token, the temperature or SigLIP bias.
-    decay_mask = jax.tree.map(lambda x: np.ndim(x) >= 2, params)
-    transforms = {"frozen": optax.set_to_zero()}
-    for g in GROUPS:
-        mult = float(o.lr_mults.get(g, 1.0))
-        transforms[g] = optax.adamw(lambda s, m=mult: schedule(s) * m, b1=o.b1, b2=o.b2, eps=o.eps,
-                                    weight_decay=o.weight_decay, mask=decay_mask)
-    chain = []
-    if o.grad_clip and o.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(o.grad_clip))
-    chain.append(optax.multi_transform(transforms, labels))
-    return optax.chain(*chain), schedule
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +204,10 @@ _NOT_LOADER_KEYS = ("num_workers", "synthetic", "tokenizer")
 def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
     """The host-local batch iterator (or synthetic batches when ``data.synthetic``)."""
     if cfg.data.get("synthetic", False):
-        return SyntheticBatches(cfg, tokenizer, local_batch, state)
+        from hetclip.data.synthetic import SyntheticBatches
+
+        return SyntheticBatches(tokenizer, image_size=cfg.data.image_size, local_batch=local_batch, seed=cfg.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count(), state=state)
     from hetclip.data.loader import make_train_loader
 
     spec = {k: v for k, v in cfg.data.to_dict().items() if k not in _NOT_LOADER_KEYS}
@@ -278,40 +215,6 @@ def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
     return make_train_loader(spec, tokenizer, batch_size=local_batch, seed=cfg.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_workers=cfg.data.num_workers, state=state)
-
-
-class SyntheticBatches:
-    """Random batches of the right shapes (throughput benchmarks with the input pipeline off).
-
-    The global batch depends only on the seed; each process takes its own rows of it, so runs on
-    one or several processes see the same data.
-    """
-
-    def __init__(self, cfg, tokenizer, local_batch: int, state: dict | None):
-        rng = np.random.default_rng(cfg.seed)
-        s = cfg.data.image_size
-        n = local_batch * jax.process_count()
-        rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-        images = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8)  # as the loader: uint8, normalised in the step
-        texts = [f"synthetic caption {i % 97} {i // 97}" for i in range(n)]
-        self._batch = {"image": images[rows], "text": tokenizer(texts[rows])}
-        self._count = int((state or {}).get("batches", 0))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self._count += 1
-        return self._batch
-
-    def state(self):
-        return {"batches": self._count}
-
-    def stats(self):
-        return {}
-
-    def close(self):
-        pass
 
 
 # --------------------------------------------------------------------------------------------

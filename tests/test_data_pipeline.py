@@ -66,7 +66,7 @@ def shard_set(tmp_path_factory):
     return write_set(tmp_path_factory.mktemp("shards"))
 
 
-SPEC = {"image_size": 16, "shuffle_buffer": 6, "chunk_size": 4}
+SPEC = {"image_size": 16, "shuffle_buffer": 6}
 
 
 def _all(loader):

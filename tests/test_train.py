@@ -10,6 +10,7 @@ import pytest
 
 from hetclip import config as config_lib
 from hetclip import distributed as dist
+from hetclip import optim as optim_lib
 from hetclip import train as train_lib
 from hetclip.configs._base import base_config
 from hetclip.data.bpe import train_bpe
@@ -59,7 +60,7 @@ def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None):
 
     params = init_params(mcfg, jax.random.key(1))
     params = jax.device_put(params, dist.tree_shardings(mesh, params))
-    opt, _ = train_lib.make_optimizer(cfg, params, cfg.total_steps)
+    opt, _ = optim_lib.make_optimizer(cfg, params, cfg.total_steps)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
     step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum))
     batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed) if batch is None else batch, mesh)
@@ -160,13 +161,13 @@ def test_weight_decay_mask_groups_and_freezing(tokenizer_dir):
 def test_schedule_warmup_then_cosine():
     o = ml_collections.ConfigDict(dict(lr=1.0, warmup_init_lr=0.1, warmup_steps=10, schedule="cosine",
                                        end_lr=0.0, rsqrt_timescale=10))
-    s = train_lib.make_schedule(o, 110)
+    s = optim_lib.make_schedule(o, 110)
     assert float(s(0)) == pytest.approx(0.1)
     assert float(s(10)) == pytest.approx(1.0)
     assert float(s(60)) == pytest.approx(0.5, abs=1e-3)
     assert float(s(110)) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(config_lib.ConfigError, match="warmup_steps"):
-        train_lib.make_schedule(o, 5)
+        optim_lib.make_schedule(o, 5)
 
 
 def test_bad_batch_for_mesh_is_a_clear_error(tokenizer_dir, tmp_path):
