@@ -223,7 +223,7 @@ def build_model(arm: str, cfg: RunConfig, num_classes: int):
                 return heads.DetClassifier(num_classes, temperature=tau if arm == "DET-T" else None,
                                            name="head")(x)
             cls = heads.HetClassifier if arm == "HET" else heads.HetXLClassifier
-            return cls(num_classes, num_factors=cfg.num_factors, num_samples=cfg.train_samples,
+            return cls(num_classes, num_factors=cfg.num_factors, mc_samples=cfg.train_samples,
                        param_efficient=cfg.param_efficient, temperature=tau, sample_chunk=cfg.train_samples,
                        init_scale=cfg.init_scale, name="head")(x, key, deterministic=deterministic,
                                                               example_ids=example_ids)

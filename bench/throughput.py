@@ -89,7 +89,7 @@ def hetclip_model_cfg(spec: dict):
     over = dict(dtype=spec["dtype"], embed_dim=a["embed"],
                 text={"vocab_size": a["vocab"], "eos_token_id": a["vocab"] - 1, "context_length": a["ctx"]})
     if spec["het"]:
-        over["het"] = {"enabled": True, "num_samples": spec["het"]}
+        over["het"] = {"enabled": True, "mc_samples": spec["het"]}
     cfg = preset(spec["model"], **over)
     v, t = cfg.vision, cfg.text
     got = dict(vw=v.width, vl=v.layers, vh=v.heads, patch=v.patch_size, image=v.image_size, tw=t.width,

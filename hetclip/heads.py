@@ -31,10 +31,11 @@ DIAG_FLOOR = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class HetConfig:
-    """HET-XL head settings. ``num_samples`` S is the Monte-Carlo sample count used in training."""
+    """HET-XL head settings (the recipes' defaults). ``num_factors`` R is the rank of the low-rank
+    covariance, ``mc_samples`` S the Monte-Carlo sample count of the training loss (0: DET loss)."""
     enabled: bool = False
-    num_factors: int = 16
-    num_samples: int = 16
+    num_factors: int = 15
+    mc_samples: int = 16
     param_efficient: bool = True
     sample_chunk: int = 4
     class_chunk: Optional[int] = None
@@ -43,10 +44,10 @@ class HetConfig:
     def __post_init__(self):
         if self.num_factors < 1:
             raise ValueError(f"HetConfig: num_factors={self.num_factors} must be >= 1")
-        if self.num_samples < 0:
-            raise ValueError(f"HetConfig: num_samples={self.num_samples} must be >= 0 (0 = DET loss)")
-        if self.enabled and self.num_samples < 1:
-            raise ValueError(f"HetConfig: num_samples={self.num_samples} must be >= 1 when the HET-XL "
+        if self.mc_samples < 0:
+            raise ValueError(f"HetConfig: mc_samples={self.mc_samples} must be >= 0 (0 = DET loss)")
+        if self.enabled and self.mc_samples < 1:
+            raise ValueError(f"HetConfig: mc_samples={self.mc_samples} must be >= 1 when the HET-XL "
                              "head is enabled")
         if self.sample_chunk < 1:
             raise ValueError(f"HetConfig: sample_chunk={self.sample_chunk} must be >= 1")
@@ -160,22 +161,22 @@ def _sample_terms(u, kind: str):
     return jax.nn.log_sigmoid(u), jax.nn.log_sigmoid(-u)
 
 
-def mc_log_mean(sample_fn, num_samples: int, sample_chunk: int, num_terms: int):
+def mc_log_mean(sample_fn, mc_samples: int, sample_chunk: int, num_terms: int):
     """``log((1/S) Σ_s exp(sample_fn(s)))`` for each of the ``num_terms`` arrays ``sample_fn`` returns,
     computed in log space with a running logsumexp over chunks of ``sample_chunk`` samples (samples of
     a chunk are vmapped; chunk bodies are rematerialised in the backward pass)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1 for a Monte-Carlo average")
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples={mc_samples} must be >= 1 for a Monte-Carlo average")
     if sample_chunk < 1:
         raise ValueError(f"sample_chunk={sample_chunk} must be >= 1")
-    chunk = min(sample_chunk, num_samples)
-    n_chunks = -(-num_samples // chunk)
+    chunk = min(sample_chunk, mc_samples)
+    n_chunks = -(-mc_samples // chunk)
 
     @jax.checkpoint
     def chunk_lse(c):
         idx = c * chunk + jnp.arange(chunk)
         terms = jax.vmap(sample_fn)(idx)
-        valid = (idx < num_samples).reshape((chunk,) + (1,) * (terms[0].ndim - 1))
+        valid = (idx < mc_samples).reshape((chunk,) + (1,) * (terms[0].ndim - 1))
         return tuple(jax.nn.logsumexp(jnp.where(valid, t, -jnp.inf), axis=0) for t in terms)
 
     first = chunk_lse(0)
@@ -185,7 +186,7 @@ def mc_log_mean(sample_fn, num_samples: int, sample_chunk: int, num_terms: int):
         return tuple(jnp.logaddexp(a, n) for a, n in zip(acc, new)), None
 
     acc, _ = jax.lax.scan(body, first, jnp.arange(1, n_chunks))
-    return tuple(a - math.log(num_samples) for a in acc)[:num_terms]
+    return tuple(a - math.log(mc_samples) for a in acc)[:num_terms]
 
 
 def _output(terms, kind: str, **extra):
@@ -202,7 +203,7 @@ def det_log_probs(logits, kind: str = "softmax", scale=1.0):
     return _output(_sample_terms(logits * scale, kind), kind)
 
 
-def het_log_probs(logits, noise, scale, key, num_samples: int, kind: str = "softmax",
+def het_log_probs(logits, noise, scale, key, mc_samples: int, kind: str = "softmax",
                   sample_chunk: int = 8, example_ids=None):
     """HET predictive (noise in logit space): ``log (1/S) Σ_s p(u_s/τ)``, ``u_s = logits + ε_s``,
     ``ε_s ~ N(0, V Vᵀ + diag(d²))`` over the ``K`` classes (``noise`` in ``hetclip.noise`` form)."""
@@ -214,10 +215,10 @@ def het_log_probs(logits, noise, scale, key, num_samples: int, kind: str = "soft
         e_low, e_diag = noise_lib.standard_normals(key, s, ids, k_dim, r)
         return _sample_terms((logits + noise_lib.perturbation(noise, e_low, e_diag)) * scale, kind)
 
-    return _output(mc_log_mean(one, num_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
+    return _output(mc_log_mean(one, mc_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
 
 
-def hetxl_log_probs(prelogits, noise, kernel, bias, scale, key, num_samples: int, kind: str = "softmax",
+def hetxl_log_probs(prelogits, noise, kernel, bias, scale, key, mc_samples: int, kind: str = "softmax",
                     sample_chunk: int = 8, example_ids=None, dtype=jnp.float32):
     """HET-XL predictive (noise on the ``D`` pre-logits): ``u_s = (φ + ε'_s) W + b``,
     ``ε'_s ~ N(0, V Vᵀ + diag(d²))`` over ``D``; ``log (1/S) Σ_s p(u_s/τ)``."""
@@ -234,7 +235,7 @@ def hetxl_log_probs(prelogits, noise, kernel, bias, scale, key, num_samples: int
             u = u + bias
         return _sample_terms(u * scale, kind)
 
-    return _output(mc_log_mean(one, num_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
+    return _output(mc_log_mean(one, mc_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
 
 
 def classifier_loss(out, labels):
@@ -286,12 +287,12 @@ class DetClassifier(nn.Module):
 
 class HetClassifier(nn.Module):
     """HET (2021): noise in logit space, ``K × R`` low rank (PE: ``diag(v) C``) + ``K`` diagonal,
-    MC average of ``p(u_s/τ)`` over ``num_samples`` samples, learned (bounded) temperature.
+    MC average of ``p(u_s/τ)`` over ``mc_samples`` samples, learned (bounded) temperature.
     Params: ``classifier``, ``diag``, ``low_rank``, ``C`` (PE), ``temperature``.
     ``deterministic=True`` returns the DET predictive of the mean logits (no sampling)."""
     num_classes: int
     num_factors: int = 10
-    num_samples: int = 16
+    mc_samples: int = 16
     param_efficient: bool = True
     kind: str = "softmax"
     temperature: TemperatureConfig = dataclasses.field(default_factory=_bounded_default)
@@ -311,7 +312,7 @@ class HetClassifier(nn.Module):
             return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
         if key is None:
             raise ValueError("HetClassifier needs a PRNG key unless deterministic=True")
-        out = het_log_probs(logits, noise, scale, key, self.num_samples, self.kind, self.sample_chunk, example_ids)
+        out = het_log_probs(logits, noise, scale, key, self.mc_samples, self.kind, self.sample_chunk, example_ids)
         return {**out, "logits": logits, "noise": noise}
 
 
@@ -320,7 +321,7 @@ class HetXLClassifier(nn.Module):
     classifier ``W``; MC average as ``HetClassifier``. Extra parameters do not grow with ``K``."""
     num_classes: int
     num_factors: int = 10
-    num_samples: int = 16
+    mc_samples: int = 16
     param_efficient: bool = True
     kind: str = "softmax"
     temperature: TemperatureConfig = dataclasses.field(default_factory=_bounded_default)
@@ -343,6 +344,6 @@ class HetXLClassifier(nn.Module):
             return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
         if key is None:
             raise ValueError("HetXLClassifier needs a PRNG key unless deterministic=True")
-        out = hetxl_log_probs(x, noise, kernel, bias, scale, key, self.num_samples, self.kind,
+        out = hetxl_log_probs(x, noise, kernel, bias, scale, key, self.mc_samples, self.kind,
                               self.sample_chunk, example_ids, self.dtype)
         return {**out, "logits": logits, "noise": noise}

@@ -287,7 +287,7 @@ def het_head_description(model_cfg) -> dict:
         "embed_dim": model_cfg.embed_dim,
         "feature_dim": model_cfg.vision.width,
         "num_factors": het.num_factors,
-        "num_samples": het.num_samples,
+        "mc_samples": het.mc_samples,
         "diag_floor": 1e-3,
         "weight_layout": "PyTorch Linear: weight [out, in], y = h @ weight.T + bias",
         "formulas": {
@@ -296,7 +296,7 @@ def het_head_description(model_cfg) -> dict:
                          if het.param_efficient else "V = low_rank(h).reshape(B, D, R)"),
             "sample": "z_s = mean + V @ e_s + d * e'_s, e_s ~ N(0, I_R), e'_s ~ N(0, I_D); z_s /= |z_s|",
         },
-        "het_config": {k: getattr(het, k) for k in ("num_factors", "num_samples", "param_efficient", "init_scale")},
+        "het_config": {k: getattr(het, k) for k in ("num_factors", "mc_samples", "param_efficient", "init_scale")},
     }
     return desc
 
@@ -356,6 +356,7 @@ def hf_config(model_cfg, *, eos_token_id: Optional[int] = None, pad_token_id: Op
 
 def model_config_from_hf(config: Mapping[str, Any], het_desc: Optional[Mapping[str, Any]] = None):
     """HF CLIP config dict -> ``ModelConfig`` (CLIP temperature, HET-XL head from ``het_head.json`` if given)."""
+    from hetclip.config import upgrade_stored
     from hetclip.heads import HetConfig, TemperatureConfig
     from hetclip.model import ModelConfig
     from hetclip.towers import TextConfig, VisionConfig
@@ -410,7 +411,7 @@ def model_config_from_hf(config: Mapping[str, Any], het_desc: Optional[Mapping[s
                       mlp_ratio=mlp_ratio(t), activation=t.get("hidden_act", "quick_gelu"), eos_token_id=eos)
     het = HetConfig()
     if het_desc is not None:
-        het = HetConfig(enabled=True, **dict(het_desc["het_config"]))
+        het = HetConfig(enabled=True, **upgrade_stored(het_desc["het_config"], "model.het."))
     return ModelConfig(embed_dim=config["projection_dim"], vision=vision, text=text, het=het,
                        temperature=TemperatureConfig(kind="clip"))
 

@@ -182,7 +182,7 @@ def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
     return jax.nn.logsumexp(jnp.concatenate(rows, axis=0), axis=0), jnp.concatenate(cols, axis=1)
 
 
-def _mc_softmax_terms(sample_fn: Callable, num_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
+def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
                       axis_name: AxisName, matmul_dtype):
     """Local sums of the i2t and t2i terms of the MC-softmax contrastive loss.
 
@@ -200,7 +200,7 @@ def _mc_softmax_terms(sample_fn: Callable, num_samples: int, t_loc_n, scale, *, 
         col_lse = _local_column_lse(col_part, offset, b_local, axis_name)
         return pos - row_lse, pos - col_lse  # log p_s(text i | image i), log p_s(image j | text j)
 
-    full, tail = _chunked(body, jnp.arange(num_samples), sample_chunk)
+    full, tail = _chunked(body, jnp.arange(mc_samples), sample_chunk)
     parts = []
     if full is not None:
         parts.append(jax.tree.map(lambda y: y.reshape((-1, b_local)), full))
@@ -208,7 +208,7 @@ def _mc_softmax_terms(sample_fn: Callable, num_samples: int, t_loc_n, scale, *, 
         parts.append(tail)
     log_p_i2t = jnp.concatenate([p[0] for p in parts], axis=0)  # [S, B_l]
     log_p_t2i = jnp.concatenate([p[1] for p in parts], axis=0)
-    log_s = math.log(num_samples)
+    log_s = math.log(mc_samples)
     i2t = -(jax.nn.logsumexp(log_p_i2t, axis=0) - log_s)
     t2i = -(jax.nn.logsumexp(log_p_t2i, axis=0) - log_s)
     return jnp.sum(i2t), jnp.sum(t2i)
@@ -288,7 +288,7 @@ def clip_loss(img, txt, scale, *, axis_name: AxisName = None, class_chunk: Optio
                    axis_name=axis_name, matmul_dtype=matmul_dtype)
 
 
-def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: Optional[int] = None,
+def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: Optional[int] = None,
                class_chunk: Optional[int] = None, axis_name: AxisName = None,
                matmul_dtype=None) -> tuple[jax.Array, Aux]:
     """Contrastive HET-XL MC-softmax loss (DESIGN §2), chunked over samples and classes.
@@ -300,7 +300,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: 
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
     _check_scalar("scale", scale)
-    _check_count("num_samples", num_samples, allow_none=False)
+    _check_count("mc_samples", mc_samples, allow_none=False)
     _check_count("sample_chunk", sample_chunk, allow_none=True)
     _check_count("class_chunk", class_chunk, allow_none=True)
     scale = jnp.asarray(scale, jnp.float32)
@@ -313,7 +313,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: 
     def sample_fn(s_idx):
         return jax.vmap(lambda s: noise_lib.noisy_sample(mean32, noise32, key, s, ids))(s_idx)
 
-    s_i2t, s_t2i = _mc_softmax_terms(sample_fn, num_samples, t_loc_n, scale, sample_chunk=sample_chunk,
+    s_i2t, s_t2i = _mc_softmax_terms(sample_fn, mc_samples, t_loc_n, scale, sample_chunk=sample_chunk,
                                      class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype)
     n_global = b_local * _axis_size(axis_name)
     loss, aux = _finish(s_i2t, s_t2i, noise_lib.l2_normalize(mean32), t_loc_n, n_global, scale,
@@ -378,20 +378,20 @@ def clip_loss_naive(img, txt, scale) -> tuple[jax.Array, Aux]:
                              "logit_scale": jnp.asarray(scale, jnp.float32)}
 
 
-def hetxl_loss_naive(mean, noise, txt, scale, key, *, num_samples: int) -> tuple[jax.Array, Aux]:
+def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int) -> tuple[jax.Array, Aux]:
     """Reference HET-XL loss with the full ``[N, S, N]`` logits."""
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
     _check_scalar("scale", scale)
-    _check_count("num_samples", num_samples, allow_none=False)
+    _check_count("mc_samples", mc_samples, allow_none=False)
     n = mean.shape[0]
-    z = noise_lib.sample_embeddings(mean.astype(jnp.float32), noise, key, num_samples)  # [N, S, D]
+    z = noise_lib.sample_embeddings(mean.astype(jnp.float32), noise, key, mc_samples)  # [N, S, D]
     t = noise_lib.l2_normalize(txt)
     logits = jnp.asarray(scale, jnp.float32) * jnp.einsum("isd,jd->isj", z, t)  # [N, S, N]
     ids = jnp.arange(n)
     log_p_i2t = jax.nn.log_softmax(logits, axis=2)[ids, :, ids]  # [N, S]: image i, its text i
     log_p_t2i = jax.nn.log_softmax(logits, axis=0)[ids, :, ids]  # [N, S]: text j, its image j
-    log_s = math.log(num_samples)
+    log_s = math.log(mc_samples)
     i2t = -jnp.mean(jax.nn.logsumexp(log_p_i2t, axis=1) - log_s)
     t2i = -jnp.mean(jax.nn.logsumexp(log_p_t2i, axis=1) - log_s)
     acc_i2t, acc_t2i = _naive_acc(noise_lib.l2_normalize(mean) @ t.T)
@@ -445,7 +445,7 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, axis: AxisName = "data",
     not; under ``jax.jit`` they are resharded as needed): embeddings and per-example noise are split
     over ``axis`` along the batch dimension; ``C``, ``scale``, ``bias`` and ``key`` are replicated.
     It returns the replicated ``(loss, aux)``. ``static_kwargs`` go to the loss
-    (``num_samples=...``, ``class_chunk=...``, ...); ``axis_name`` is set here.
+    (``mc_samples=...``, ``class_chunk=...``, ...); ``axis_name`` is set here.
     """
     if loss_fn not in _NUM_ARGS:
         raise ValueError(f"sharded() supports clip_loss, hetxl_loss and siglip_loss, got {loss_fn!r}")

@@ -187,11 +187,11 @@ def make_loss(model_cfg: ModelConfig, mesh):
         if model_cfg.loss == "sigmoid":
             return losses.siglip_loss(emb["mean"], emb["txt"], scale, shared["bias"], axis_name=axes,
                                       class_chunk=het.class_chunk, matmul_dtype=mm)
-        if het.enabled and het.num_samples > 0:
+        if het.enabled and het.mc_samples > 0:
             noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
             if shared.get("C") is not None:
                 noise["C"] = shared["C"]
-            return losses.hetxl_loss(emb["mean"], noise, emb["txt"], scale, key, num_samples=het.num_samples,
+            return losses.hetxl_loss(emb["mean"], noise, emb["txt"], scale, key, mc_samples=het.mc_samples,
                                      sample_chunk=het.sample_chunk, class_chunk=het.class_chunk, axis_name=axes,
                                      matmul_dtype=mm)
         return losses.clip_loss(emb["mean"], emb["txt"], scale, axis_name=axes, class_chunk=het.class_chunk,
@@ -303,7 +303,7 @@ def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
     from hetclip.data.loader import make_train_loader
 
     spec = {k: v for k, v in cfg.data.to_dict().items() if k not in _NOT_LOADER_KEYS}
-    spec["num_samples"] = spec.get("num_samples") or None
+    spec["epoch_size"] = spec.get("epoch_size") or None
     return make_train_loader(spec, tokenizer, batch_size=local_batch, seed=cfg.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_workers=cfg.data.num_workers, state=state)
@@ -640,7 +640,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                     batch, data_pos_next = next(feed)
                 except StopIteration:
                     raise TrainingError(f"the data ran out at step {step} (set data.epochs higher or "
-                                        "num_samples correctly)") from None
+                                        "data.epoch_size correctly)") from None
                 except (DataWorkerError, TooManyBadSamples) as e:
                     raise TrainingError(f"input data at step {step + 1}: {e}") from None
                 window["wait"] += feed.wait_seconds - waited

@@ -84,8 +84,8 @@ def test_initial_noise_is_modest(pe):
 
 
 def test_het_config_errors():
-    with pytest.raises(ValueError, match="num_samples=0 must be >= 1 when the HET-XL head is enabled"):
-        H.HetConfig(enabled=True, num_samples=0)
+    with pytest.raises(ValueError, match="mc_samples=0 must be >= 1 when the HET-XL head is enabled"):
+        H.HetConfig(enabled=True, mc_samples=0)
     with pytest.raises(ValueError, match="num_factors=0"):
         H.HetConfig(num_factors=0)
     with pytest.raises(ValueError, match="init_scale=0"):
@@ -130,8 +130,8 @@ def _np_log_softmax(u):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _all_normals(key, num_samples, batch, dim, r):
-    return jax.vmap(lambda s: noise_lib.standard_normals(key, s, jnp.arange(batch), dim, r))(jnp.arange(num_samples))
+def _all_normals(key, mc_samples, batch, dim, r):
+    return jax.vmap(lambda s: noise_lib.standard_normals(key, s, jnp.arange(batch), dim, r))(jnp.arange(mc_samples))
 
 
 def _np_perturbation(noise, e_low, e_diag):
@@ -140,19 +140,19 @@ def _np_perturbation(noise, e_low, e_diag):
     return low + n["d"] * e_diag
 
 
-def _prob_space_reference(logit_fn, noise, key, num_samples, dim, kind, scale, batch):
+def _prob_space_reference(logit_fn, noise, key, mc_samples, dim, kind, scale, batch):
     """Probability-space MC average, sample by sample, with the same normals (float64)."""
     e_lows, e_diags = (np.asarray(x, np.float64)
-                       for x in _all_normals(key, num_samples, batch, dim, noise_lib.rank(noise)))
+                       for x in _all_normals(key, mc_samples, batch, dim, noise_lib.rank(noise)))
     acc_p = acc_q = 0.0
-    for s in range(num_samples):
+    for s in range(mc_samples):
         eps = _np_perturbation(noise, e_lows[s], e_diags[s])
         u = logit_fn(eps) * scale
         if kind == "softmax":
-            acc_p = acc_p + np.exp(_np_log_softmax(u)) / num_samples
+            acc_p = acc_p + np.exp(_np_log_softmax(u)) / mc_samples
         else:
-            acc_p = acc_p + 1 / (1 + np.exp(-u)) / num_samples
-            acc_q = acc_q + 1 / (1 + np.exp(u)) / num_samples
+            acc_p = acc_p + 1 / (1 + np.exp(-u)) / mc_samples
+            acc_q = acc_q + 1 / (1 + np.exp(u)) / mc_samples
     return np.log(acc_p), (np.log(acc_q) if kind == "sigmoid" else None)
 
 
@@ -161,7 +161,7 @@ def _prob_space_reference(logit_fn, noise, key, num_samples, dim, kind, scale, b
 @pytest.mark.parametrize("pe", [True, False])
 def test_classifier_mc_log_space_equals_probability_space(xl, kind, pe):
     cls = H.HetXLClassifier if xl else H.HetClassifier
-    mod = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=2,
+    mod = cls(num_classes=7, num_factors=3, mc_samples=5, param_efficient=pe, kind=kind, sample_chunk=2,
               init_scale=1.0)
     x = jax.random.normal(jax.random.key(0), (4, 6))
     key = jax.random.key(9)
@@ -184,7 +184,7 @@ def test_classifier_mc_log_space_equals_probability_space(xl, kind, pe):
     if not (xl and pe):
         return
     # Chunking over samples does not change the result.
-    one_chunk = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=5,
+    one_chunk = cls(num_classes=7, num_factors=3, mc_samples=5, param_efficient=pe, kind=kind, sample_chunk=5,
                     init_scale=1.0)
     np.testing.assert_allclose(jax.jit(one_chunk.apply)(variables, x, key)["log_probs"], out["log_probs"],
                                rtol=1e-5, atol=1e-6)
@@ -213,7 +213,7 @@ def test_zero_noise_equals_det(kind):
 
 def test_deterministic_mode_and_det_classifier():
     x = jax.random.normal(jax.random.key(0), (3, 6))
-    mod = H.HetXLClassifier(num_classes=4, num_factors=2, num_samples=3)
+    mod = H.HetXLClassifier(num_classes=4, num_factors=2, mc_samples=3)
     v = _perturbed(mod.init(jax.random.key(1), x, jax.random.key(2)), jax.random.key(3))
     out = mod.apply(v, x, deterministic=True)
     p = v["params"]
@@ -260,9 +260,9 @@ def test_classifier_errors():
     x = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="kind='softplus'"):
         H.DetClassifier(num_classes=3, kind="softplus").init(jax.random.key(0), x)
-    mod = H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=2)
+    mod = H.HetXLClassifier(num_classes=3, num_factors=2, mc_samples=2)
     v = mod.init(jax.random.key(0), x, jax.random.key(1))
     with pytest.raises(ValueError, match="needs a PRNG key unless deterministic=True"):
         mod.apply(v, x)
-    with pytest.raises(ValueError, match="num_samples=0 must be >= 1"):
-        H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=0).apply(v, x, jax.random.key(1))
+    with pytest.raises(ValueError, match="mc_samples=0 must be >= 1"):
+        H.HetXLClassifier(num_classes=3, num_factors=2, mc_samples=0).apply(v, x, jax.random.key(1))

@@ -27,8 +27,8 @@ def test_counts_match_flax_classifiers(pe):
     key = jax.random.key(0)
     got = {}
     for name, mod in (("DET", H.DetClassifier(num_classes=k)),
-                      ("HET", H.HetClassifier(num_classes=k, num_factors=r, param_efficient=pe, num_samples=2)),
-                      ("HET-XL", H.HetXLClassifier(num_classes=k, num_factors=r, param_efficient=pe, num_samples=2))):
+                      ("HET", H.HetClassifier(num_classes=k, num_factors=r, param_efficient=pe, mc_samples=2)),
+                      ("HET-XL", H.HetXLClassifier(num_classes=k, num_factors=r, param_efficient=pe, mc_samples=2))):
         args = (x,) if name == "DET" else (x, key)
         got[name] = count_params(jax.eval_shape(mod.init, key, *args)["params"])
     for c in P.head_counts(k, d, r, pe):

@@ -325,7 +325,7 @@ def test_encoders_validation(small):
         enc.text_embeddings(no_eos)
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         enc.text_embeddings(np.where(toks == EOS, EOS, 50))
-    with pytest.raises(ValueError, match="num_samples=0"):
+    with pytest.raises(ValueError, match="mc_samples=0"):
         enc.image_samples(np.zeros((1, 16, 16, 3), np.float32), jax.random.key(0), 0)
     off = Encoders(small_cfg(), init_params(small_cfg(vision={**SMALL["vision"], "layers": 1},
                                                       text={**SMALL["text"], "layers": 1}), jax.random.key(0)))

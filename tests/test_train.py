@@ -31,7 +31,7 @@ def tiny_config(tokenizer_dir, *, het=False, loss="softmax", batch=16, steps=6):
     c = base_config("tiny", het=het, vision=dict(width=32, layers=1, heads=2, patch_size=8, image_size=16),
                     text=dict(width=32, layers=1, heads=2, context_length=16), embed_dim=16, loss=loss)
     with c.unlocked():
-        c.model.het.update(num_factors=3, num_samples=4 if het else 0, sample_chunk=3)
+        c.model.het.update(num_factors=3, mc_samples=4 if het else 0, sample_chunk=3)
         c.batch_size = batch
         c.total_steps = steps
         c.log_every = 1
