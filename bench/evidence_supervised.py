@@ -208,7 +208,7 @@ def temperature_config(cfg: RunConfig):
 def build_model(arm: str, cfg: RunConfig, num_classes: int):
     import flax.linen as nn
 
-    from hetclip import heads
+    from hetclip import supervised_heads as heads
 
     if arm not in ARMS:
         raise ValueError(f"arm {arm!r} is not one of {ARMS}")
@@ -245,7 +245,7 @@ def make_runner(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
     import jax.numpy as jnp
     import optax
 
-    from hetclip import heads
+    from hetclip import supervised_heads as heads
     from hetclip import noise as noise_lib
 
     model = build_model(arm, cfg, num_classes)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetclip.xla import BF16_DOT_FLAGS, cpu_flags
+from hetclip.xla import fast_bf16_matmul
 
 LN_EPS = 1e-5
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -40,20 +40,9 @@ def activation_fn(name: str) -> Callable:
     raise ValueError(f"activation={name!r} is not supported; choose one of {ACTIVATIONS}")
 
 
-def fast_bf16_matmul() -> bool:
-    """Whether bf16 matmuls with fp32 accumulation beat fp32 on JAX's default backend: always on
-    GPU/TPU; on CPU only with native bf16 dot products, AMX (``amx_bf16``) or AVX-512 BF16
-    (``avx512_bf16``). Measured in this project (bench/throughput.py, tiny training step): 3x faster
-    than fp32 with AMX, 2.1x on an AVX-512 BF16 EPYC (Zen 5); on an AVX2-only CPU (no native bf16) a
-    bf16 training step is about 10 % slower than fp32."""
-    if jax.default_backend() != "cpu":
-        return True
-    return bool(BF16_DOT_FLAGS & cpu_flags())
-
-
 def compute_dtype(name: Any):
     """``'float32' | 'bfloat16' | 'auto'`` (or a dtype) -> jnp dtype. ``'auto'`` is bfloat16 where the
-    hardware has fast bf16 matmuls (``fast_bf16_matmul``) and float32 elsewhere."""
+    hardware has fast bf16 matmuls (``hetclip.xla.fast_bf16_matmul``) and float32 elsewhere."""
     allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if isinstance(name, str):
         if name == "auto":

@@ -32,7 +32,7 @@ from hetclip import checkpoint as ckpt_lib
 from hetclip import config as config_lib
 from hetclip import distributed as dist
 from hetclip import losses
-from hetclip import metrics as metrics_lib
+from hetclip import runlog
 from hetclip import workdir as workdir_lib
 from hetclip.data.decode import CLIP_MEAN, CLIP_STD, NORM_SCALE, NORM_SHIFT
 from hetclip.data.loader import TooManyBadSamples
@@ -607,9 +607,9 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
     data_pos = data.state()  # the loader position of the last batch a step consumed
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
+    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
-    bar = metrics_lib.Progress(run.total_steps, initial=start_step, enabled=main and progress)
+    bar = runlog.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)
     logit_scale = jax.jit(lambda p: DualEncoder(run.model_cfg).apply({"params": p}, method=DualEncoder.logit_scale))
 
