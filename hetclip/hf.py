@@ -48,9 +48,13 @@ class WeightMismatch(ValueError):
 
 # ----------------------------------------------------------------------------------- key mapping
 
+def _norm_rows(path: str, key: str) -> tuple:
+    """A LayerNorm's two rows: Flax ``scale``/``bias`` <-> HF ``weight``/``bias``."""
+    return ((f"{path}/scale", f"{key}.weight", "copy"), (f"{path}/bias", f"{key}.bias", "copy"))
+
+
 _LAYER_ROWS = (
-    [(f"layer_norm{i}/scale", f"layer_norm{i}.weight", "copy") for i in (1, 2)]
-    + [(f"layer_norm{i}/bias", f"layer_norm{i}.bias", "copy") for i in (1, 2)]
+    [row for i in (1, 2) for row in _norm_rows(f"layer_norm{i}", f"layer_norm{i}")]
     + [(f"self_attn/{p}/kernel", f"self_attn.{p}.weight", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
     + [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", "copy") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
     + [(f"mlp/{p}/kernel", f"mlp.{p}.weight", "linear") for p in ("fc1", "fc2")]
@@ -61,18 +65,15 @@ _VISION_ROWS = (
     ("vision_model/embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight", "conv"),
     ("vision_model/embeddings/class_embedding", "vision_model.embeddings.class_embedding", "copy"),
     ("vision_model/embeddings/position_embedding", "vision_model.embeddings.position_embedding.weight", "copy"),
-    ("vision_model/pre_layrnorm/scale", "vision_model.pre_layrnorm.weight", "copy"),
-    ("vision_model/pre_layrnorm/bias", "vision_model.pre_layrnorm.bias", "copy"),
-    ("vision_model/post_layernorm/scale", "vision_model.post_layernorm.weight", "copy"),
-    ("vision_model/post_layernorm/bias", "vision_model.post_layernorm.bias", "copy"),
+    *_norm_rows("vision_model/pre_layrnorm", "vision_model.pre_layrnorm"),
+    *_norm_rows("vision_model/post_layernorm", "vision_model.post_layernorm"),
     ("visual_projection/kernel", "visual_projection.weight", "linear"),
 )
 
 _TEXT_ROWS = (
     ("text_model/embeddings/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", "copy"),
     ("text_model/embeddings/position_embedding", "text_model.embeddings.position_embedding.weight", "copy"),
-    ("text_model/final_layer_norm/scale", "text_model.final_layer_norm.weight", "copy"),
-    ("text_model/final_layer_norm/bias", "text_model.final_layer_norm.bias", "copy"),
+    *_norm_rows("text_model/final_layer_norm", "text_model.final_layer_norm"),
     ("text_projection/kernel", "text_projection.weight", "linear"),
 )
 

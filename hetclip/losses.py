@@ -8,7 +8,7 @@ Two implementations of each:
 * ``*_naive``: one device, materialises every logit (``[N, N]``, or ``[N, S, N]`` for HET-XL). Simple
   references for the tests.
 * the chunked versions (``clip_loss``, ``hetxl_loss``, ``siglip_loss``): loop over sample chunks and
-  class (text) chunks with ``jax.lax.map`` and ``jax.checkpoint`` on each chunk, so the backward
+  class (text) chunks (``hetclip.chunks.chunked_map``: ``jax.lax.map``, ``jax.checkpoint`` on each chunk), so the backward
   pass recomputes chunk logits instead of storing them (a loop with a single chunk is not
   checkpointed: it stores its logits like the naive loss and skips the recomputation); per-chunk logsumexps are combined with
   max-shifted logsumexps. With ``axis_name`` (inside ``shard_map``) each device holds its local
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hetclip import noise as noise_lib
+from hetclip.chunks import chunked_map
 
 AxisName = Union[str, Sequence[str], None]
 Aux = dict
@@ -136,31 +137,6 @@ def _local_column_lse(part, offset, batch_local: int, axis_name: AxisName):
     return m_local + jnp.log(total)
 
 
-def _chunked(fn: Callable, xs, chunk: Optional[int]):
-    """Apply ``fn`` (checkpointed) to ``xs`` in chunks along axis 0 and stack the results along a
-    new leading axis of chunks; a non-dividing remainder becomes one smaller, separate call.
-
-    Returns a list of per-call results: ``[stacked_full_chunks?, remainder?]``, where stacked full
-    chunks have a leading chunk axis and the remainder has none.
-    """
-    n = xs.shape[0]
-    c = n if chunk is None else min(chunk, n)
-    n_full, rem = divmod(n, c)
-    if n_full == 1 and not rem:
-        # one chunk: nothing to save memory against (the caller asked for no chunking), and
-        # recomputing it in the backward pass would cost one more pass over its matmuls
-        return jax.tree.map(lambda y: y[None], fn(xs)), None
-    # inside a loop CSE cannot merge the recomputation with the forward pass, so it may stay on
-    single, looped = jax.checkpoint(fn), jax.checkpoint(fn, prevent_cse=False)
-    full = None
-    if n_full == 1:
-        full = jax.tree.map(lambda y: y[None], single(xs[:c]))
-    elif n_full > 1:
-        full = jax.lax.map(looped, xs[: n_full * c].reshape((n_full, c) + xs.shape[1:]))
-    tail = single(xs[n_full * c:]) if rem else None
-    return full, tail
-
-
 def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
     """For scaled normalised image samples ``zs [S_c, B_l, D]`` and all texts ``t_all [N, D]``:
     ``row_lse [S_c, B_l]`` (logsumexp over all N texts) and ``col_part [S_c, N]`` (logsumexp over the
@@ -170,16 +146,10 @@ def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
         x = _dot(zs, t_c, "sbd,cd->sbc", matmul_dtype)
         return jax.nn.logsumexp(x, axis=2), jax.nn.logsumexp(x, axis=1)
 
-    full, tail = _chunked(block, t_all, class_chunk)
-    rows, cols = [], []
-    if full is not None:
-        r, c = full  # [nc, S_c, B_l], [nc, S_c, C]
-        rows.append(r)
-        cols.append(jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1))
-    if tail is not None:
-        rows.append(tail[0][None])
-        cols.append(tail[1])
-    return jax.nn.logsumexp(jnp.concatenate(rows, axis=0), axis=0), jnp.concatenate(cols, axis=1)
+    parts = chunked_map(block, t_all, class_chunk)  # each ([nc, S_c, B_l], [nc, S_c, C])
+    rows = jnp.concatenate([r for r, _ in parts], axis=0)
+    cols = jnp.concatenate([jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1) for _, c in parts], axis=1)
+    return jax.nn.logsumexp(rows, axis=0), cols
 
 
 def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
@@ -200,14 +170,9 @@ def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, s
         col_lse = _local_column_lse(col_part, offset, b_local, axis_name)
         return pos - row_lse, pos - col_lse  # log p_s(text i | image i), log p_s(image j | text j)
 
-    full, tail = _chunked(body, jnp.arange(mc_samples), sample_chunk)
-    parts = []
-    if full is not None:
-        parts.append(jax.tree.map(lambda y: y.reshape((-1, b_local)), full))
-    if tail is not None:
-        parts.append(tail)
-    log_p_i2t = jnp.concatenate([p[0] for p in parts], axis=0)  # [S, B_l]
-    log_p_t2i = jnp.concatenate([p[1] for p in parts], axis=0)
+    parts = chunked_map(body, jnp.arange(mc_samples), sample_chunk)  # each ([nc, S_c, B_l], [nc, S_c, B_l])
+    log_p_i2t = jnp.concatenate([p[0].reshape((-1, b_local)) for p in parts], axis=0)  # [S, B_l]
+    log_p_t2i = jnp.concatenate([p[1].reshape((-1, b_local)) for p in parts], axis=0)
     log_s = math.log(mc_samples)
     i2t = -(jax.nn.logsumexp(log_p_i2t, axis=0) - log_s)
     t2i = -(jax.nn.logsumexp(log_p_t2i, axis=0) - log_s)
@@ -225,19 +190,12 @@ def _top1_counts(img_n, t_loc_n, class_chunk: Optional[int], axis_name: AxisName
     own = offset + jnp.arange(b_local)
 
     def block(args):
-        t_c, start = args
+        t_c, ids = args  # a chunk of texts and their global indices
         x = _dot(img_n, t_c, "bd,cd->bc", matmul_dtype)
-        return (jnp.max(x, axis=1), jnp.argmax(x, axis=1) + start,
+        return (jnp.max(x, axis=1), jnp.argmax(x, axis=1) + ids[0],
                 jnp.max(x, axis=0), jnp.argmax(x, axis=0) + offset)
 
-    c = n if class_chunk is None else min(class_chunk, n)
-    n_full, rem = divmod(n, c)
-    results = []
-    if n_full:
-        tb = t_all[: n_full * c].reshape(n_full, c, -1)
-        results.append(jax.lax.map(block, (tb, jnp.arange(n_full) * c)))
-    if rem:
-        results.append(jax.tree.map(lambda y: y[None], block((t_all[n_full * c:], n_full * c))))
+    results = chunked_map(block, (t_all, jnp.arange(n)), class_chunk, remat=False)
     row_max = jnp.concatenate([r[0] for r in results], axis=0)  # [nc, B_l]
     row_arg = jnp.concatenate([r[1] for r in results], axis=0)
     best = jnp.argmax(row_max, axis=0)  # first chunk holding the maximum
@@ -343,8 +301,7 @@ def siglip_loss(img, txt, scale, bias, *, axis_name: AxisName = None, class_chun
     def block(t_c):
         return jnp.sum(jax.nn.log_sigmoid(-(_dot(xs, t_c, "bd,cd->bc", matmul_dtype) + bias)), axis=1)
 
-    full, tail = _chunked(block, t_all, class_chunk)
-    neg = (0.0 if full is None else jnp.sum(full, axis=0)) + (0.0 if tail is None else tail)  # [B_l]
+    neg = sum(jnp.sum(p, axis=0) for p in chunked_map(block, t_all, class_chunk))  # [B_l]
     pos = _dot(xs, t_loc_n, "bd,bd->b", matmul_dtype) + bias
     n_global = img.shape[0] * _axis_size(axis_name)
     acc_i2t, acc_t2i = _top1_counts(img_n, t_loc_n, class_chunk, axis_name, matmul_dtype)

@@ -2,7 +2,8 @@
 
 ``ModelConfig`` describes the whole model (JSON round trip via ``to_dict``/``from_dict``);
 ``PRESETS``/``preset(name, **overrides)`` give the standard sizes; ``DualEncoder`` is the Flax module
-(parameter tree in docs/ARCHITECTURE.md); ``Encoders`` is a jitted inference wrapper around params.
+(parameter tree in docs/ARCHITECTURE.md); ``embedding_functions`` are the deterministic encoders that
+``Encoders`` (a jitted inference wrapper around params) and the StableHLO export use.
 """
 from __future__ import annotations
 
@@ -211,6 +212,21 @@ def count_params(tree) -> int:
     return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def embedding_functions(cfg: ModelConfig):
+    """``(image_fn(params, images), text_fn(params, tokens))``: pure functions returning the
+    L2-normalised deterministic embeddings ``[B, D]`` in float32 (images: the mean ``μ``). ``Encoders``
+    jits them; the StableHLO export closes them over the parameters."""
+    model = DualEncoder(cfg)
+
+    def image_fn(params, images):
+        return noise_lib.l2_normalize(model.apply({"params": params}, images, method=DualEncoder.encode_image)["mean"])
+
+    def text_fn(params, tokens):
+        return noise_lib.l2_normalize(model.apply({"params": params}, tokens, method=DualEncoder.encode_text))
+
+    return image_fn, text_fn
+
+
 class Encoders:
     """Jitted inference around ``params``: deterministic normalised embeddings (``μ`` for images),
     plus MC samples of the HET-XL image embedding."""
@@ -220,13 +236,7 @@ class Encoders:
         self.params = params
         self.model = DualEncoder(cfg)
         apply = self.model.apply
-
-        def _image(p, images):
-            out = apply({"params": p}, images, method=DualEncoder.encode_image)
-            return noise_lib.l2_normalize(out["mean"])
-
-        def _text(p, tokens):
-            return noise_lib.l2_normalize(apply({"params": p}, tokens, method=DualEncoder.encode_text))
+        _image, _text = embedding_functions(cfg)
 
         def _samples(p, images, key, mc_samples):
             out = apply({"params": p}, images, method=DualEncoder.encode_image)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hetclip import noise as noise_lib
+from hetclip.chunks import chunked_map
 from hetclip.heads import Temperature, TemperatureConfig, low_rank_noise
 from hetclip.towers import Dense
 
@@ -35,30 +36,19 @@ def _sample_terms(u, kind: str):
 
 def mc_log_mean(sample_fn, mc_samples: int, sample_chunk: int, num_terms: int):
     """``log((1/S) Σ_s exp(sample_fn(s)))`` for each of the ``num_terms`` arrays ``sample_fn`` returns,
-    computed in log space with a running logsumexp over chunks of ``sample_chunk`` samples (samples of
-    a chunk are vmapped; chunk bodies are rematerialised in the backward pass)."""
+    computed in log space: a logsumexp per chunk of ``sample_chunk`` samples (vmapped; with several
+    chunks each is rematerialised in the backward pass, ``hetclip.chunks.chunked_map``), then over chunks."""
     if mc_samples < 1:
         raise ValueError(f"mc_samples={mc_samples} must be >= 1 for a Monte-Carlo average")
     if sample_chunk < 1:
         raise ValueError(f"sample_chunk={sample_chunk} must be >= 1")
-    chunk = min(sample_chunk, mc_samples)
-    n_chunks = -(-mc_samples // chunk)
 
-    @jax.checkpoint
-    def chunk_lse(c):
-        idx = c * chunk + jnp.arange(chunk)
-        terms = jax.vmap(sample_fn)(idx)
-        valid = (idx < mc_samples).reshape((chunk,) + (1,) * (terms[0].ndim - 1))
-        return tuple(jax.nn.logsumexp(jnp.where(valid, t, -jnp.inf), axis=0) for t in terms)
+    def chunk_lse(idx):
+        return tuple(jax.nn.logsumexp(t, axis=0) for t in jax.vmap(sample_fn)(idx)[:num_terms])
 
-    first = chunk_lse(0)
-
-    def body(acc, c):
-        new = chunk_lse(c)
-        return tuple(jnp.logaddexp(a, n) for a, n in zip(acc, new)), None
-
-    acc, _ = jax.lax.scan(body, first, jnp.arange(1, n_chunks))
-    return tuple(a - math.log(mc_samples) for a in acc)[:num_terms]
+    parts = chunked_map(chunk_lse, jnp.arange(mc_samples), sample_chunk)  # each: terms of [nc, ...]
+    return tuple(jax.nn.logsumexp(jnp.concatenate([p[i] for p in parts], axis=0), axis=0) - math.log(mc_samples)
+                 for i in range(num_terms))
 
 
 def _output(terms, kind: str, **extra):
@@ -157,11 +147,12 @@ class DetClassifier(nn.Module):
         return {**det_log_probs(logits, self.kind, scale), "logits": logits}
 
 
-class HetClassifier(nn.Module):
-    """HET (2021): noise in logit space, ``K × R`` low rank (PE: ``diag(v) C``) + ``K`` diagonal,
-    MC average of ``p(u_s/τ)`` over ``mc_samples`` samples, learned (bounded) temperature.
-    Params: ``classifier``, ``diag``, ``low_rank``, ``C`` (PE), ``temperature``.
-    ``deterministic=True`` returns the DET predictive of the mean logits (no sampling)."""
+class _MCClassifier(nn.Module):
+    """What HET and HET-XL share: ``logits = φ(x) W + b`` (params ``classifier``), an input-dependent
+    low-rank Gaussian (``diag``, ``low_rank``, ``C`` in the PE form) over ``_noise_dim(x)``
+    coordinates, a learned (bounded) temperature, and the MC average of ``p(u_s/τ)`` over
+    ``mc_samples`` samples (``_predictive``). ``deterministic=True`` returns the DET predictive of
+    the mean logits (no sampling)."""
     num_classes: int
     num_factors: int = 10
     mc_samples: int = 16
@@ -172,34 +163,11 @@ class HetClassifier(nn.Module):
     init_scale: float = 0.1
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, key=None, *, deterministic: bool = False, example_ids=None):
-        _check_classifier(self.num_classes, self.kind)
-        logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                       name="classifier")(x)
-        noise = low_rank_noise(self, x, self.num_classes, self.num_factors, self.param_efficient,
-                               self.init_scale, self.dtype)
-        scale = Temperature(self.temperature, name="temperature")()
-        if deterministic:
-            return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
-        if key is None:
-            raise ValueError("HetClassifier needs a PRNG key unless deterministic=True")
-        out = het_log_probs(logits, noise, scale, key, self.mc_samples, self.kind, self.sample_chunk, example_ids)
-        return {**out, "logits": logits, "noise": noise}
+    def _noise_dim(self, x) -> int:
+        raise NotImplementedError
 
-
-class HetXLClassifier(nn.Module):
-    """HET-XL (2023): noise on the ``D`` pre-logits (``D × R`` low rank + ``D`` diagonal), then the
-    classifier ``W``; MC average as ``HetClassifier``. Extra parameters do not grow with ``K``."""
-    num_classes: int
-    num_factors: int = 10
-    mc_samples: int = 16
-    param_efficient: bool = True
-    kind: str = "softmax"
-    temperature: TemperatureConfig = dataclasses.field(default_factory=_bounded_default)
-    sample_chunk: int = 8
-    init_scale: float = 0.1
-    dtype: Any = jnp.float32
+    def _predictive(self, x, logits, dense, noise, scale, key, example_ids) -> dict:
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x, key=None, *, deterministic: bool = False, example_ids=None):
@@ -207,15 +175,35 @@ class HetXLClassifier(nn.Module):
         x = x.astype(jnp.float32)
         dense = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="classifier")
         logits = dense(x)
-        kernel = dense.variables["params"]["kernel"]
-        bias = dense.variables["params"]["bias"]
-        noise = low_rank_noise(self, x, x.shape[-1], self.num_factors, self.param_efficient,
+        noise = low_rank_noise(self, x, self._noise_dim(x), self.num_factors, self.param_efficient,
                                self.init_scale, self.dtype)
         scale = Temperature(self.temperature, name="temperature")()
         if deterministic:
             return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
         if key is None:
-            raise ValueError("HetXLClassifier needs a PRNG key unless deterministic=True")
-        out = hetxl_log_probs(x, noise, kernel, bias, scale, key, self.mc_samples, self.kind,
-                              self.sample_chunk, example_ids, self.dtype)
-        return {**out, "logits": logits, "noise": noise}
+            raise ValueError(f"{type(self).__name__} needs a PRNG key unless deterministic=True")
+        return {**self._predictive(x, logits, dense, noise, scale, key, example_ids), "logits": logits,
+                "noise": noise}
+
+
+class HetClassifier(_MCClassifier):
+    """HET (2021): noise in logit space, ``K × R`` low rank (PE: ``diag(v) C``) + ``K`` diagonal."""
+
+    def _noise_dim(self, x) -> int:
+        return self.num_classes
+
+    def _predictive(self, x, logits, dense, noise, scale, key, example_ids) -> dict:
+        return het_log_probs(logits, noise, scale, key, self.mc_samples, self.kind, self.sample_chunk, example_ids)
+
+
+class HetXLClassifier(_MCClassifier):
+    """HET-XL (2023): noise on the ``D`` pre-logits (``D × R`` low rank + ``D`` diagonal), then the
+    classifier ``W``. Extra parameters do not grow with ``K``."""
+
+    def _noise_dim(self, x) -> int:
+        return x.shape[-1]
+
+    def _predictive(self, x, logits, dense, noise, scale, key, example_ids) -> dict:
+        params = dense.variables["params"]
+        return hetxl_log_probs(x, noise, params["kernel"], params["bias"], scale, key, self.mc_samples, self.kind,
+                               self.sample_chunk, example_ids, self.dtype)
