@@ -89,22 +89,24 @@ def key_mapping(vision_layers: int, text_layers: int) -> list[tuple[str, str, st
     return rows
 
 
-def to_hf_array(x, transform: str) -> np.ndarray:
+# transform -> the axis order that turns a hetclip array into the HF one ("copy": none)
+_TO_HF_AXES = {"linear": (1, 0), "conv": (3, 2, 0, 1)}
+
+
+def _convert(x, axes) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
-    if transform == "linear":
-        return np.ascontiguousarray(x.T)
-    if transform == "conv":
-        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    return np.array(x, order="C")
+    if axes is None:
+        return np.array(x, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
+    return np.ascontiguousarray(x.transpose(axes))
+
+
+def to_hf_array(x, transform: str) -> np.ndarray:
+    return _convert(x, _TO_HF_AXES.get(transform))
 
 
 def from_hf_array(x, transform: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if transform == "linear":
-        return np.ascontiguousarray(x.T)
-    if transform == "conv":
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-    return np.array(x, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
+    axes = _TO_HF_AXES.get(transform)
+    return _convert(x, None if axes is None else tuple(int(a) for a in np.argsort(axes)))
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
