@@ -142,9 +142,9 @@ def _suggest(key: str, cfg) -> str:
     return did_you_mean(key, flat_keys(cfg), cutoff=0.5)
 
 
-def check_renamed(cfg, where: str, prefix: str = "") -> None:
-    """Refuse a config (or its section at ``prefix``, e.g. ``"model."``) that uses an old key."""
-    for key in flat_keys(cfg, prefix):
+def check_renamed(cfg, where: str) -> None:
+    """Refuse a run config (``ConfigDict`` or dict) that uses an old key, naming the new one."""
+    for key in flat_keys(cfg):
         renamed = renamed_message(key)
         if renamed:
             raise ConfigError(f"{where}: {renamed}")
