@@ -44,14 +44,14 @@ def child(args: argparse.Namespace) -> None:
     """Run the loop once in this process and print one JSON line."""
     import psutil
 
-    from hetclip import metrics as metrics_lib
+    from hetclip import runlog
     from hetclip import train as train_lib
     from hetclip.configs._base import base_config
 
     train_lib.make_train_step = null_train_step
     marks: list[tuple[int, float, float, float]] = []
     me = psutil.Process()
-    original = metrics_lib.MetricsWriter.write
+    original = runlog.MetricsWriter.write
 
     def write(self, step, scalars):
         if "samples_per_sec" in scalars:
@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
             marks.append((step, time.perf_counter(), time.process_time(), workers, scalars["data_wait_frac"]))
         return original(self, step, scalars)
 
-    metrics_lib.MetricsWriter.write = write
+    runlog.MetricsWriter.write = write
     c = base_config("tiny", vision=dict(width=32, layers=1, heads=2, patch_size=32, image_size=224),
                     text=dict(width=32, layers=1, heads=2, context_length=77), embed_dim=16)
     with c.unlocked():

@@ -59,9 +59,9 @@ def build(loss: str, impl: str, s: int, key, *, sample_chunk, class_chunk, matmu
         argnums = (0, 2, 3)
     else:
         if impl == "naive":
-            fn = lambda m, nz, t, sc: losses.hetxl_loss_naive(m, nz, t, sc, key, num_samples=s)[0]
+            fn = lambda m, nz, t, sc: losses.hetxl_loss_naive(m, nz, t, sc, key, mc_samples=s)[0]
         else:
-            fn = lambda m, nz, t, sc: losses.hetxl_loss(m, nz, t, sc, key, num_samples=s, sample_chunk=sample_chunk,
+            fn = lambda m, nz, t, sc: losses.hetxl_loss(m, nz, t, sc, key, mc_samples=s, sample_chunk=sample_chunk,
                                                         class_chunk=class_chunk, matmul_dtype=matmul_dtype)[0]
         argnums = (0, 1, 2, 3)
     return jax.jit(jax.value_and_grad(fn, argnums=argnums))

@@ -224,7 +224,7 @@ def temperature_config(cfg: RunConfig):
 def build_model(arm: str, cfg: RunConfig, num_classes: int):
     import flax.linen as nn
 
-    from hetclip import heads
+    from hetclip import supervised_heads as heads
 
     if arm not in ARMS:
         raise ValueError(f"arm {arm!r} is not one of {ARMS}")
@@ -239,7 +239,7 @@ def build_model(arm: str, cfg: RunConfig, num_classes: int):
                 return heads.DetClassifier(num_classes, temperature=tau if arm == "DET-T" else None,
                                            name="head")(x)
             cls = heads.HetClassifier if arm == "HET" else heads.HetXLClassifier
-            return cls(num_classes, num_factors=cfg.num_factors, num_samples=cfg.train_samples,
+            return cls(num_classes, num_factors=cfg.num_factors, mc_samples=cfg.train_samples,
                        param_efficient=cfg.param_efficient, temperature=tau, sample_chunk=cfg.train_samples,
                        init_scale=cfg.init_scale, name="head")(x, key, deterministic=deterministic,
                                                               example_ids=example_ids)
@@ -261,7 +261,7 @@ def make_runner(arm: str, cfg: RunConfig, num_classes: int, num_features: int):
     import jax.numpy as jnp
     import optax
 
-    from hetclip import heads
+    from hetclip import supervised_heads as heads
     from hetclip import noise as noise_lib
 
     model = build_model(arm, cfg, num_classes)

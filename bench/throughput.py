@@ -89,7 +89,7 @@ def hetclip_model_cfg(spec: dict):
 
     over = dict(dtype=spec["dtype"])
     if spec["het"]:
-        over["het"] = {"enabled": True, "num_samples": spec["het"]}
+        over["het"] = {"enabled": True, "mc_samples": spec["het"]}
     return preset(spec["model"], **over)
 
 

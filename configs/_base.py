@@ -1,10 +1,9 @@
 """Shared defaults of every recipe; each recipe file changes what differs."""
-import difflib
-
 import ml_collections
 
 from hetclip.config import ConfigError
 from hetclip.model import preset
+from hetclip.suggest import did_you_mean
 
 VARIANTS = ("het",)
 
@@ -13,9 +12,8 @@ def variants(arg: str, allowed=VARIANTS) -> set:
     """The comma-separated variants after ``recipe:`` (``clip_b32:het``); an unknown one is an error."""
     flags = {a.strip() for a in (arg or "").split(",") if a.strip()}
     for flag in sorted(flags - set(allowed)):
-        near = difflib.get_close_matches(flag, allowed, n=1)
         raise ConfigError(f"unknown recipe variant {flag!r}; this recipe knows {list(allowed)}"
-                          + (f"; did you mean {near[0]!r}?" if near else ""))
+                          + did_you_mean(flag, allowed))
     return flags
 
 
@@ -31,10 +29,9 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
     c.tensorboard = True
 
     # Model: a full ModelConfig; vocabulary/eos/context follow the tokenizer when model_from_tokenizer.
-    het_cfg = dict(enabled=het, num_factors=15, num_samples=16 if het else 0, param_efficient=True,
-                   sample_chunk=4, class_chunk=None, init_scale=0.1)
+    # The HET-XL head's settings are HetConfig's defaults (hetclip.heads).
     if het:
-        model_overrides.setdefault("het", het_cfg)
+        model_overrides.setdefault("het", dict(enabled=True))
     c.model = preset(model, **model_overrides).to_dict()
     c.model_from_tokenizer = True
     c.init_from_hf = ""  # a Hugging Face CLIP directory to initialise the towers from
@@ -48,7 +45,7 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
 
     c.data = dict(
         shards="",  # brace pattern(s) of img2dataset shards
-        num_samples=0,  # 0: from sizes.json
+        epoch_size=0,  # samples per epoch; 0: from sizes.json
         image_size=preset(model).vision.image_size,
         caption_key="txt",
         crop_scale=(0.9, 1.0),

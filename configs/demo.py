@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
         text=dict(width=128, layers=2, heads=2, context_length=24),
         embed_dim=128, dtype="auto")  # bf16 where it is fast (AMX, AVX-512 BF16, GPU, TPU)
     if het:
-        c.model.het.update(num_factors=8, num_samples=8, sample_chunk=8)
+        c.model.het.update(num_factors=8, mc_samples=8, sample_chunk=8)
     c.batch_size = 128
     c.total_steps = 900
     c.log_every = 20

@@ -23,7 +23,6 @@ raises ``TooManyBadSamples``.
 from __future__ import annotations
 
 import collections
-import difflib
 import json
 import math
 import multiprocessing
@@ -36,9 +35,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from hetclip.suggest import did_you_mean
+
 from . import decode
-from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_num_samples, hash_words, \
-    parse_sources
+from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_size, hash_words, parse_sources
 
 LOADER_STATE_VERSION = 1  # the single-stream state format (``workers.TrainLoader`` still reads it)
 
@@ -47,7 +47,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weights": None,            # source upsampling factors (list or "1::2")
     "image_size": 224,
     "caption_key": "txt",       # member ext, or "json:field.sub"; alternatives joined by ","
-    "num_samples": None,        # samples per epoch (all processes); default: from sizes.json
+    "epoch_size": None,         # samples per epoch (all processes); default: from sizes.json
     "shuffle_buffer": 1000,
     "shuffle_shards": True,
     "crop_scale": decode.DEFAULT_CROP_SCALE,
@@ -97,9 +97,7 @@ def resolve_spec(spec: Any, defaults: dict[str, Any], **overrides: Any) -> dict[
     out = dict(defaults)
     for k, v in given.items():
         if k not in defaults:
-            near = difflib.get_close_matches(k, defaults, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise KeyError(f"unknown data spec key {k!r}{hint}; known keys: {sorted(defaults)}")
+            raise KeyError(f"unknown data spec key {k!r}{did_you_mean(k, defaults)}; known keys: {sorted(defaults)}")
         out[k] = v
     for k in ("crop_scale", "crop_ratio", "background"):
         if k in out and out[k] is not None:
@@ -516,7 +514,7 @@ def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, 
 
     ``batch_size`` is per process. Yields ``{"image": uint8 [B, H, W, 3], "text": int32 [B, L]}``
     (normalise with ``decode.normalize`` or on the device); see ``hetclip.data.workers``.
-    ``loader.num_samples`` is the epoch size over all processes (sizes.json or ``num_samples``; None
+    ``loader.epoch_size`` is the epoch size over all processes (sizes.json or ``epoch_size``; None
     if unknown).
     """
     from .workers import TrainLoader
@@ -531,9 +529,9 @@ def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, 
                          tokenizer=tokenizer, batch_size=batch_size, seed=seed, process_index=process_index,
                          process_count=process_count, num_workers=num_workers, state=state)
     try:
-        loader.num_samples = epoch_num_samples(sources, cfg["num_samples"])  # type: ignore[attr-defined]
+        loader.epoch_size = epoch_size(sources, cfg["epoch_size"])  # type: ignore[attr-defined]
     except ShardError:
-        loader.num_samples = None  # type: ignore[attr-defined]
+        loader.epoch_size = None  # type: ignore[attr-defined]
     return loader
 
 

@@ -194,13 +194,13 @@ def read_sizes(urls: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def epoch_num_samples(sources: Sequence[Source], num_samples: int | None = None) -> int:
-    """Samples in one epoch over all processes: ``num_samples`` if given, else from sizes.json files.
+def epoch_size(sources: Sequence[Source], given: int | None = None) -> int:
+    """Samples in one epoch over all processes: ``given`` if set, else from sizes.json files.
 
     With weights the count is the expected one (``sum_i w_i * n_i``).
     """
-    if num_samples:
-        return int(num_samples)
+    if given:
+        return int(given)
     total = 0.0
     for s in sources:
         sizes = read_sizes(s.urls)
@@ -208,7 +208,7 @@ def epoch_num_samples(sources: Sequence[Source], num_samples: int | None = None)
         if missing:
             raise ShardError(
                 f"no sample count for {len(missing)} shard(s) of {s.pattern!r} (e.g. {missing[0]}): "
-                "add a sizes.json beside the shards or give num_samples")
+                "add a sizes.json beside the shards or set the epoch size (data.epoch_size)")
         total += s.weight * sum(sizes[u] for u in s.urls)
     return int(round(total))
 

@@ -175,7 +175,7 @@ class Checkpointer:
         abstract_train = {"opt_state": abstract_opt_state,
                           "step": jax.ShapeDtypeStruct((), np.int64), "rng": abstract_rng}
         reader = _StepReader(self._mgr, self.directory, step)
-        meta = reader.json("meta")
+        meta = reader.meta()
         data = reader.json("data")
         integrity = meta.get("integrity") or {}
         reader.check_complete("params", integrity.get("params"))
@@ -251,6 +251,17 @@ class _StepReader:
 
     def json(self, item: str) -> dict:
         return self._restore(item, ocp.args.JsonRestore())
+
+    def meta(self) -> dict:
+        """The ``meta`` item, its model and run configs under the present key names
+        (``hetclip.config.upgrade_stored``)."""
+        from hetclip.config import upgrade_stored
+
+        meta = self.json("meta")
+        for key, prefix in (("model", "model."), ("config", "")):
+            if isinstance(meta.get(key), dict):
+                meta[key] = upgrade_stored(meta[key], prefix)
+        return meta
 
     def _metadata_tree(self, item: str):
         """The item's own tree of array metadata (shape, dtype); read once."""
@@ -350,7 +361,7 @@ def _open_step(path: str, step: int | None) -> tuple[ocp.CheckpointManager, str,
 def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
     mgr, directory, step = _open_step(path, step)
     try:
-        return step, _StepReader(mgr, directory, step).json("meta")
+        return step, _StepReader(mgr, directory, step).meta()
     finally:
         mgr.close()
 
@@ -362,7 +373,7 @@ def load_params(path: str, step: int | None = None):
     mgr, directory, step = _open_step(path, step)
     try:
         reader = _StepReader(mgr, directory, step)
-        meta = reader.json("meta")
+        meta = reader.meta()
         reader.check_complete("params", (meta.get("integrity") or {}).get("params"))
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         params = reader.arrays("params", reader.abstract_from_layout("params", cpu))

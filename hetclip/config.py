@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import difflib
 import importlib
 import importlib.util
 import json
@@ -18,6 +17,8 @@ import os
 from typing import Any, Iterable
 
 import ml_collections
+
+from hetclip.suggest import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,7 @@ COMMON_OVERRIDES = (
     ("model.remat=True", "recompute activations in the backward pass (less memory, ~1/3 more compute)"),
     ("model.attention=auto|xla|cudnn", "attention kernel (cudnn: fused attention on NVIDIA GPUs)"),
     ("mesh.fsdp=8", "shard parameters and optimizer state over 8 devices (mesh.data=-1 takes the rest)"),
-    ("model.het.num_samples=S", "HET-XL MC samples (the :het recipes; num_factors, sample_chunk beside it)"),
+    ("model.het.mc_samples=S", "HET-XL MC samples (the :het recipes; num_factors, sample_chunk beside it)"),
     ("optim.lr=5e-4", "peak learning rate (optim.warmup_steps, optim.weight_decay, ...)"),
     ("eval.tasks.0.dir=/data/imagenet/val", "zero-shot evaluation data (eval.every_steps, eval.mc_samples)"),
     ("checkpoint.every_steps=N", "checkpoint interval (resuming: rerun the same command)"),
@@ -90,9 +91,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     else:
         recipes = available_recipes()
         if name not in recipes:
-            near = difflib.get_close_matches(name, recipes, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown config {name!r}: not a file and not one of the recipes {recipes}{hint}")
+            raise ConfigError(f"unknown config {name!r}: not a file and not one of the recipes {recipes}"
+                              f"{did_you_mean(name, recipes)}")
         module = importlib.import_module(f"hetclip.configs.{name}")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config {spec!r} defines no get_config()")
@@ -104,23 +104,75 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config {spec!r}: get_config() failed: {type(e).__name__}: {e}") from e
     if not isinstance(cfg, ml_collections.ConfigDict):
         cfg = ml_collections.ConfigDict(cfg)
+    check_renamed(cfg, f"config {spec!r}")
     cfg.lock()
     return cfg
 
 
-def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+def flat_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of a ``ConfigDict`` or a plain nested dict (groups and their entries)."""
     keys = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"
         keys.append(full)
-        if isinstance(v, ml_collections.ConfigDict):
+        if isinstance(v, (dict, ml_collections.ConfigDict)):
             keys.extend(flat_keys(v, full + "."))
     return keys
 
 
+# Keys that have a new name: old dotted key of the run config -> its present key. A config or an
+# override that uses an old key is refused naming the new one; stored configs (a work directory's
+# config.json, a checkpoint's metadata, an exported head) are read through ``upgrade_stored``.
+RENAMED_KEYS = {
+    "data.num_samples": "data.epoch_size",
+    "model.het.num_samples": "model.het.mc_samples",
+}
+
+
+def renamed_message(key: str) -> str | None:
+    """``"data.num_samples was renamed to data.epoch_size"`` for an old key, else None."""
+    new = RENAMED_KEYS.get(key)
+    return f"{key} was renamed to {new}" if new else None
+
+
 def _suggest(key: str, cfg) -> str:
-    near = difflib.get_close_matches(key, flat_keys(cfg), n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else ""
+    renamed = renamed_message(key)
+    if renamed:
+        return f"; {renamed}"
+    return did_you_mean(key, flat_keys(cfg), cutoff=0.5)
+
+
+def check_renamed(cfg, where: str) -> None:
+    """Refuse a run config (``ConfigDict`` or dict) that uses an old key, naming the new one."""
+    for key in flat_keys(cfg):
+        renamed = renamed_message(key)
+        if renamed:
+            raise ConfigError(f"{where}: {renamed}")
+
+
+def upgrade_stored(stored: dict, prefix: str = "") -> dict:
+    """A stored config with its renamed keys under their present names (a copy; the file is not changed).
+
+    ``prefix`` says which part of the run config ``stored`` is: ``""`` a whole run config
+    (``WORKDIR/config.json``, a checkpoint's ``meta["config"]``), ``"model."`` a model config,
+    ``"model.het."`` the HET-XL head's settings. A present key wins over its old name."""
+    out = copy.deepcopy(dict(stored))
+    for old, new in RENAMED_KEYS.items():
+        if not (old.startswith(prefix) and new.startswith(prefix)):
+            continue
+        *old_parents, old_last = old[len(prefix):].split(".")
+        node = out
+        for part in old_parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_last not in node:
+            continue
+        value = node.pop(old_last)
+        *new_parents, new_last = new[len(prefix):].split(".")
+        target = out
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target.setdefault(new_last, value)
+    return out
 
 
 def _parse_value(raw: str, current: Any, key: str):

@@ -297,24 +297,15 @@ def export_hf(model_cfg, params, tokenizer, preprocess, out_dir, force: bool = F
 
 def encoder_functions(model_cfg, params):
     """``(image_fn, text_fn)``: jitted pure functions of their inputs only (params closed over),
-    returning L2-normalised deterministic embeddings ``[B, D]`` in float32."""
+    returning L2-normalised deterministic embeddings ``[B, D]`` in float32 (``model.embedding_functions``)."""
     import jax
     import jax.numpy as jnp
 
-    from hetclip.model import DualEncoder
-    from hetclip.noise import l2_normalize
+    from hetclip.model import embedding_functions
 
-    model = DualEncoder(model_cfg)
+    image_fn, text_fn = embedding_functions(model_cfg)
     consts = jax.tree.map(jnp.asarray, params)
-
-    def image_fn(images):
-        out = model.apply({"params": consts}, images, method=DualEncoder.encode_image)
-        return l2_normalize(out["mean"]).astype(jnp.float32)
-
-    def text_fn(tokens):
-        return l2_normalize(model.apply({"params": consts}, tokens, method=DualEncoder.encode_text)).astype(jnp.float32)
-
-    return jax.jit(image_fn), jax.jit(text_fn)
+    return jax.jit(lambda images: image_fn(consts, images)), jax.jit(lambda tokens: text_fn(consts, tokens))
 
 
 def export_stablehlo(model_cfg, params, tokenizer, preprocess, out_dir, force: bool = False, *,

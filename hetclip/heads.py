@@ -1,5 +1,5 @@
-"""HET-XL heads: the contrastive embedding-noise head, the learned temperature, and the
-supervised DET / HET / HET-XL classifier heads of the paper (DESIGN §2).
+"""HET-XL heads: the contrastive embedding-noise head and the learned temperature (DESIGN §2), and
+``low_rank_noise``, the input-dependent Gaussian shared with ``hetclip.supervised_heads``.
 
 Noise is represented as in ``hetclip.noise``: ``{"d", "v", "C"}`` (parameter-efficient) or
 ``{"d", "V"}`` (full); samples are drawn there, keyed by ``(key, sample, example)``.
@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetclip import noise as noise_lib
 from hetclip.towers import Dense
 
 DIAG_FLOOR = 1e-3
@@ -31,10 +30,11 @@ DIAG_FLOOR = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class HetConfig:
-    """HET-XL head settings. ``num_samples`` S is the Monte-Carlo sample count used in training."""
+    """HET-XL head settings (the recipes' defaults). ``num_factors`` R is the rank of the low-rank
+    covariance, ``mc_samples`` S the Monte-Carlo sample count of the training loss (0: DET loss)."""
     enabled: bool = False
-    num_factors: int = 16
-    num_samples: int = 16
+    num_factors: int = 15
+    mc_samples: int = 16
     param_efficient: bool = True
     sample_chunk: int = 4
     class_chunk: Optional[int] = None
@@ -43,10 +43,10 @@ class HetConfig:
     def __post_init__(self):
         if self.num_factors < 1:
             raise ValueError(f"HetConfig: num_factors={self.num_factors} must be >= 1")
-        if self.num_samples < 0:
-            raise ValueError(f"HetConfig: num_samples={self.num_samples} must be >= 0 (0 = DET loss)")
-        if self.enabled and self.num_samples < 1:
-            raise ValueError(f"HetConfig: num_samples={self.num_samples} must be >= 1 when the HET-XL "
+        if self.mc_samples < 0:
+            raise ValueError(f"HetConfig: mc_samples={self.mc_samples} must be >= 0 (0 = DET loss)")
+        if self.enabled and self.mc_samples < 1:
+            raise ValueError(f"HetConfig: mc_samples={self.mc_samples} must be >= 1 when the HET-XL "
                              "head is enabled")
         if self.sample_chunk < 1:
             raise ValueError(f"HetConfig: sample_chunk={self.sample_chunk} must be >= 1")
@@ -139,210 +139,3 @@ class Temperature(nn.Module):
         frac = (c.init - c.tau_lo) / (c.tau_hi - c.tau_lo)
         t = self.param("t", nn.initializers.constant(math.log(frac / (1 - frac))), (), jnp.float32)
         return 1.0 / (c.tau_lo + (c.tau_hi - c.tau_lo) * jax.nn.sigmoid(t))
-
-
-# ----------------------------------------------------------------------------------------------
-# Supervised classifier heads (DET, HET, HET-XL), as in the paper's image-classification setting.
-# ----------------------------------------------------------------------------------------------
-
-CLASSIFIER_KINDS = ("softmax", "sigmoid")
-
-
-def _check_kind(kind: str):
-    if kind not in CLASSIFIER_KINDS:
-        raise ValueError(f"classifier kind={kind!r} is not supported; choose one of {CLASSIFIER_KINDS}")
-
-
-def _sample_terms(u, kind: str):
-    """Per-sample log-probabilities of ``u`` (already divided by τ)."""
-    if kind == "softmax":
-        return (jax.nn.log_softmax(u, axis=-1),)
-    return jax.nn.log_sigmoid(u), jax.nn.log_sigmoid(-u)
-
-
-def mc_log_mean(sample_fn, num_samples: int, sample_chunk: int, num_terms: int):
-    """``log((1/S) Σ_s exp(sample_fn(s)))`` for each of the ``num_terms`` arrays ``sample_fn`` returns,
-    computed in log space with a running logsumexp over chunks of ``sample_chunk`` samples (samples of
-    a chunk are vmapped; chunk bodies are rematerialised in the backward pass)."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1 for a Monte-Carlo average")
-    if sample_chunk < 1:
-        raise ValueError(f"sample_chunk={sample_chunk} must be >= 1")
-    chunk = min(sample_chunk, num_samples)
-    n_chunks = -(-num_samples // chunk)
-
-    @jax.checkpoint
-    def chunk_lse(c):
-        idx = c * chunk + jnp.arange(chunk)
-        terms = jax.vmap(sample_fn)(idx)
-        valid = (idx < num_samples).reshape((chunk,) + (1,) * (terms[0].ndim - 1))
-        return tuple(jax.nn.logsumexp(jnp.where(valid, t, -jnp.inf), axis=0) for t in terms)
-
-    first = chunk_lse(0)
-
-    def body(acc, c):
-        new = chunk_lse(c)
-        return tuple(jnp.logaddexp(a, n) for a, n in zip(acc, new)), None
-
-    acc, _ = jax.lax.scan(body, first, jnp.arange(1, n_chunks))
-    return tuple(a - math.log(num_samples) for a in acc)[:num_terms]
-
-
-def _output(terms, kind: str, **extra):
-    out = {"log_probs": terms[0]}
-    if kind == "sigmoid":
-        out["log_1m_probs"] = terms[1]
-    out.update(extra)
-    return out
-
-
-def det_log_probs(logits, kind: str = "softmax", scale=1.0):
-    """DET predictive: ``log softmax(scale·logits)`` or ``log sigmoid(±scale·logits)``."""
-    _check_kind(kind)
-    return _output(_sample_terms(logits * scale, kind), kind)
-
-
-def het_log_probs(logits, noise, scale, key, num_samples: int, kind: str = "softmax",
-                  sample_chunk: int = 8, example_ids=None):
-    """HET predictive (noise in logit space): ``log (1/S) Σ_s p(u_s/τ)``, ``u_s = logits + ε_s``,
-    ``ε_s ~ N(0, V Vᵀ + diag(d²))`` over the ``K`` classes (``noise`` in ``hetclip.noise`` form)."""
-    _check_kind(kind)
-    ids = jnp.arange(logits.shape[0]) if example_ids is None else example_ids
-    k_dim, r = logits.shape[-1], noise_lib.rank(noise)
-
-    def one(s):
-        e_low, e_diag = noise_lib.standard_normals(key, s, ids, k_dim, r)
-        return _sample_terms((logits + noise_lib.perturbation(noise, e_low, e_diag)) * scale, kind)
-
-    return _output(mc_log_mean(one, num_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
-
-
-def hetxl_log_probs(prelogits, noise, kernel, bias, scale, key, num_samples: int, kind: str = "softmax",
-                    sample_chunk: int = 8, example_ids=None, dtype=jnp.float32):
-    """HET-XL predictive (noise on the ``D`` pre-logits): ``u_s = (φ + ε'_s) W + b``,
-    ``ε'_s ~ N(0, V Vᵀ + diag(d²))`` over ``D``; ``log (1/S) Σ_s p(u_s/τ)``."""
-    _check_kind(kind)
-    ids = jnp.arange(prelogits.shape[0]) if example_ids is None else example_ids
-    d_dim, r = prelogits.shape[-1], noise_lib.rank(noise)
-
-    def one(s):
-        e_low, e_diag = noise_lib.standard_normals(key, s, ids, d_dim, r)
-        z = prelogits + noise_lib.perturbation(noise, e_low, e_diag)
-        u = jax.lax.dot_general(z.astype(dtype), kernel.astype(dtype), (((1,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-        if bias is not None:
-            u = u + bias
-        return _sample_terms(u * scale, kind)
-
-    return _output(mc_log_mean(one, num_samples, sample_chunk, 1 if kind == "softmax" else 2), kind)
-
-
-def classifier_loss(out, labels):
-    """Mean negative log-likelihood of a classifier output.
-
-    softmax: ``labels`` int ``[B]`` or (soft / normalised multi-hot) float ``[B, K]``;
-    sigmoid: ``labels`` multi-hot ``[B, K]`` or int ``[B]`` (one-hot), summed binary NLL over classes.
-    """
-    log_p = out["log_probs"]
-    k = log_p.shape[-1]
-    labels = jnp.asarray(labels)
-    if labels.ndim == 1:
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(f"1-D labels must be integer class ids, got dtype {labels.dtype}")
-        labels = jax.nn.one_hot(labels, k, dtype=jnp.float32)
-    if labels.shape != log_p.shape:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match log-probabilities {tuple(log_p.shape)}")
-    labels = labels.astype(jnp.float32)
-    if "log_1m_probs" in out:
-        return -jnp.mean(jnp.sum(labels * log_p + (1 - labels) * out["log_1m_probs"], axis=-1))
-    return -jnp.mean(jnp.sum(labels * log_p, axis=-1))
-
-
-def _check_classifier(num_classes: int, kind: str):
-    if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes} must be >= 1")
-    _check_kind(kind)
-
-
-def _bounded_default() -> TemperatureConfig:
-    return TemperatureConfig(kind="bounded", init=1.0, tau_lo=0.05, tau_hi=5.0)
-
-
-class DetClassifier(nn.Module):
-    """``logits = φ(x) W + b`` (params ``classifier/{kernel,bias}``); optional learned temperature."""
-    num_classes: int
-    kind: str = "softmax"
-    temperature: Optional[TemperatureConfig] = None
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        _check_classifier(self.num_classes, self.kind)
-        logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                       name="classifier")(x)
-        scale = Temperature(self.temperature, name="temperature")() if self.temperature else 1.0
-        return {**det_log_probs(logits, self.kind, scale), "logits": logits}
-
-
-class HetClassifier(nn.Module):
-    """HET (2021): noise in logit space, ``K × R`` low rank (PE: ``diag(v) C``) + ``K`` diagonal,
-    MC average of ``p(u_s/τ)`` over ``num_samples`` samples, learned (bounded) temperature.
-    Params: ``classifier``, ``diag``, ``low_rank``, ``C`` (PE), ``temperature``.
-    ``deterministic=True`` returns the DET predictive of the mean logits (no sampling)."""
-    num_classes: int
-    num_factors: int = 10
-    num_samples: int = 16
-    param_efficient: bool = True
-    kind: str = "softmax"
-    temperature: TemperatureConfig = dataclasses.field(default_factory=_bounded_default)
-    sample_chunk: int = 8
-    init_scale: float = 0.1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, key=None, *, deterministic: bool = False, example_ids=None):
-        _check_classifier(self.num_classes, self.kind)
-        logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                       name="classifier")(x)
-        noise = low_rank_noise(self, x, self.num_classes, self.num_factors, self.param_efficient,
-                               self.init_scale, self.dtype)
-        scale = Temperature(self.temperature, name="temperature")()
-        if deterministic:
-            return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
-        if key is None:
-            raise ValueError("HetClassifier needs a PRNG key unless deterministic=True")
-        out = het_log_probs(logits, noise, scale, key, self.num_samples, self.kind, self.sample_chunk, example_ids)
-        return {**out, "logits": logits, "noise": noise}
-
-
-class HetXLClassifier(nn.Module):
-    """HET-XL (2023): noise on the ``D`` pre-logits (``D × R`` low rank + ``D`` diagonal), then the
-    classifier ``W``; MC average as ``HetClassifier``. Extra parameters do not grow with ``K``."""
-    num_classes: int
-    num_factors: int = 10
-    num_samples: int = 16
-    param_efficient: bool = True
-    kind: str = "softmax"
-    temperature: TemperatureConfig = dataclasses.field(default_factory=_bounded_default)
-    sample_chunk: int = 8
-    init_scale: float = 0.1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, key=None, *, deterministic: bool = False, example_ids=None):
-        _check_classifier(self.num_classes, self.kind)
-        x = x.astype(jnp.float32)
-        dense = Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="classifier")
-        logits = dense(x)
-        kernel = dense.variables["params"]["kernel"]
-        bias = dense.variables["params"]["bias"]
-        noise = low_rank_noise(self, x, x.shape[-1], self.num_factors, self.param_efficient,
-                               self.init_scale, self.dtype)
-        scale = Temperature(self.temperature, name="temperature")()
-        if deterministic:
-            return {**det_log_probs(logits, self.kind, scale), "logits": logits, "noise": noise}
-        if key is None:
-            raise ValueError("HetXLClassifier needs a PRNG key unless deterministic=True")
-        out = hetxl_log_probs(x, noise, kernel, bias, scale, key, self.num_samples, self.kind,
-                              self.sample_chunk, example_ids, self.dtype)
-        return {**out, "logits": logits, "noise": noise}

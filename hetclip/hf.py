@@ -48,9 +48,13 @@ class WeightMismatch(ValueError):
 
 # ----------------------------------------------------------------------------------- key mapping
 
+def _norm_rows(path: str, key: str) -> tuple:
+    """A LayerNorm's two rows: Flax ``scale``/``bias`` <-> HF ``weight``/``bias``."""
+    return ((f"{path}/scale", f"{key}.weight", "copy"), (f"{path}/bias", f"{key}.bias", "copy"))
+
+
 _LAYER_ROWS = (
-    [(f"layer_norm{i}/scale", f"layer_norm{i}.weight", "copy") for i in (1, 2)]
-    + [(f"layer_norm{i}/bias", f"layer_norm{i}.bias", "copy") for i in (1, 2)]
+    [row for i in (1, 2) for row in _norm_rows(f"layer_norm{i}", f"layer_norm{i}")]
     + [(f"self_attn/{p}/kernel", f"self_attn.{p}.weight", "linear") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
     + [(f"self_attn/{p}/bias", f"self_attn.{p}.bias", "copy") for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
     + [(f"mlp/{p}/kernel", f"mlp.{p}.weight", "linear") for p in ("fc1", "fc2")]
@@ -61,18 +65,15 @@ _VISION_ROWS = (
     ("vision_model/embeddings/patch_embedding/kernel", "vision_model.embeddings.patch_embedding.weight", "conv"),
     ("vision_model/embeddings/class_embedding", "vision_model.embeddings.class_embedding", "copy"),
     ("vision_model/embeddings/position_embedding", "vision_model.embeddings.position_embedding.weight", "copy"),
-    ("vision_model/pre_layrnorm/scale", "vision_model.pre_layrnorm.weight", "copy"),
-    ("vision_model/pre_layrnorm/bias", "vision_model.pre_layrnorm.bias", "copy"),
-    ("vision_model/post_layernorm/scale", "vision_model.post_layernorm.weight", "copy"),
-    ("vision_model/post_layernorm/bias", "vision_model.post_layernorm.bias", "copy"),
+    *_norm_rows("vision_model/pre_layrnorm", "vision_model.pre_layrnorm"),
+    *_norm_rows("vision_model/post_layernorm", "vision_model.post_layernorm"),
     ("visual_projection/kernel", "visual_projection.weight", "linear"),
 )
 
 _TEXT_ROWS = (
     ("text_model/embeddings/token_embedding/embedding", "text_model.embeddings.token_embedding.weight", "copy"),
     ("text_model/embeddings/position_embedding", "text_model.embeddings.position_embedding.weight", "copy"),
-    ("text_model/final_layer_norm/scale", "text_model.final_layer_norm.weight", "copy"),
-    ("text_model/final_layer_norm/bias", "text_model.final_layer_norm.bias", "copy"),
+    *_norm_rows("text_model/final_layer_norm", "text_model.final_layer_norm"),
     ("text_projection/kernel", "text_projection.weight", "linear"),
 )
 
@@ -88,22 +89,24 @@ def key_mapping(vision_layers: int, text_layers: int) -> list[tuple[str, str, st
     return rows
 
 
-def to_hf_array(x, transform: str) -> np.ndarray:
+# transform -> the axis order that turns a hetclip array into the HF one ("copy": none)
+_TO_HF_AXES = {"linear": (1, 0), "conv": (3, 2, 0, 1)}
+
+
+def _convert(x, axes) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
-    if transform == "linear":
-        return np.ascontiguousarray(x.T)
-    if transform == "conv":
-        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    return np.array(x, order="C")
+    if axes is None:
+        return np.array(x, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
+    return np.ascontiguousarray(x.transpose(axes))
+
+
+def to_hf_array(x, transform: str) -> np.ndarray:
+    return _convert(x, _TO_HF_AXES.get(transform))
 
 
 def from_hf_array(x, transform: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if transform == "linear":
-        return np.ascontiguousarray(x.T)
-    if transform == "conv":
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-    return np.array(x, order="C")  # (ascontiguousarray would turn a scalar into shape [1])
+    axes = _TO_HF_AXES.get(transform)
+    return _convert(x, None if axes is None else tuple(int(a) for a in np.argsort(axes)))
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -287,7 +290,7 @@ def het_head_description(model_cfg) -> dict:
         "embed_dim": model_cfg.embed_dim,
         "feature_dim": model_cfg.vision.width,
         "num_factors": het.num_factors,
-        "num_samples": het.num_samples,
+        "mc_samples": het.mc_samples,
         "diag_floor": 1e-3,
         "weight_layout": "PyTorch Linear: weight [out, in], y = h @ weight.T + bias",
         "formulas": {
@@ -296,7 +299,7 @@ def het_head_description(model_cfg) -> dict:
                          if het.param_efficient else "V = low_rank(h).reshape(B, D, R)"),
             "sample": "z_s = mean + V @ e_s + d * e'_s, e_s ~ N(0, I_R), e'_s ~ N(0, I_D); z_s /= |z_s|",
         },
-        "het_config": {k: getattr(het, k) for k in ("num_factors", "num_samples", "param_efficient", "init_scale")},
+        "het_config": {k: getattr(het, k) for k in ("num_factors", "mc_samples", "param_efficient", "init_scale")},
     }
     return desc
 
@@ -356,6 +359,7 @@ def hf_config(model_cfg, *, eos_token_id: Optional[int] = None, pad_token_id: Op
 
 def model_config_from_hf(config: Mapping[str, Any], het_desc: Optional[Mapping[str, Any]] = None):
     """HF CLIP config dict -> ``ModelConfig`` (CLIP temperature, HET-XL head from ``het_head.json`` if given)."""
+    from hetclip.config import upgrade_stored
     from hetclip.heads import HetConfig, TemperatureConfig
     from hetclip.model import ModelConfig
     from hetclip.towers import TextConfig, VisionConfig
@@ -410,7 +414,7 @@ def model_config_from_hf(config: Mapping[str, Any], het_desc: Optional[Mapping[s
                       mlp_ratio=mlp_ratio(t), activation=t.get("hidden_act", "quick_gelu"), eos_token_id=eos)
     het = HetConfig()
     if het_desc is not None:
-        het = HetConfig(enabled=True, **dict(het_desc["het_config"]))
+        het = HetConfig(enabled=True, **upgrade_stored(het_desc["het_config"], "model.het."))
     return ModelConfig(embed_dim=config["projection_dim"], vision=vision, text=text, het=het,
                        temperature=TemperatureConfig(kind="clip"))
 

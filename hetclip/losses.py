@@ -8,7 +8,7 @@ Two implementations of each:
 * ``*_naive``: one device, materialises every logit (``[N, N]``, or ``[N, S, N]`` for HET-XL). Simple
   references for the tests.
 * the chunked versions (``clip_loss``, ``hetxl_loss``, ``siglip_loss``): loop over sample chunks and
-  class (text) chunks with ``jax.lax.map`` and ``jax.checkpoint`` on each chunk, so the backward
+  class (text) chunks (``hetclip.chunks.chunked_map``: ``jax.lax.map``, ``jax.checkpoint`` on each chunk), so the backward
   pass recomputes chunk logits instead of storing them (a loop with a single chunk is not
   checkpointed: it stores its logits like the naive loss and skips the recomputation); per-chunk logsumexps are combined with
   max-shifted logsumexps. With ``axis_name`` (inside ``shard_map``) each device holds its local
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hetclip import noise as noise_lib
+from hetclip.chunks import chunked_map
 
 AxisName = Union[str, Sequence[str], None]
 Aux = dict
@@ -136,31 +137,6 @@ def _local_column_lse(part, offset, batch_local: int, axis_name: AxisName):
     return m_local + jnp.log(total)
 
 
-def _chunked(fn: Callable, xs, chunk: Optional[int]):
-    """Apply ``fn`` (checkpointed) to ``xs`` in chunks along axis 0 and stack the results along a
-    new leading axis of chunks; a non-dividing remainder becomes one smaller, separate call.
-
-    Returns a list of per-call results: ``[stacked_full_chunks?, remainder?]``, where stacked full
-    chunks have a leading chunk axis and the remainder has none.
-    """
-    n = xs.shape[0]
-    c = n if chunk is None else min(chunk, n)
-    n_full, rem = divmod(n, c)
-    if n_full == 1 and not rem:
-        # one chunk: nothing to save memory against (the caller asked for no chunking), and
-        # recomputing it in the backward pass would cost one more pass over its matmuls
-        return jax.tree.map(lambda y: y[None], fn(xs)), None
-    # inside a loop CSE cannot merge the recomputation with the forward pass, so it may stay on
-    single, looped = jax.checkpoint(fn), jax.checkpoint(fn, prevent_cse=False)
-    full = None
-    if n_full == 1:
-        full = jax.tree.map(lambda y: y[None], single(xs[:c]))
-    elif n_full > 1:
-        full = jax.lax.map(looped, xs[: n_full * c].reshape((n_full, c) + xs.shape[1:]))
-    tail = single(xs[n_full * c:]) if rem else None
-    return full, tail
-
-
 def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
     """For scaled normalised image samples ``zs [S_c, B_l, D]`` and all texts ``t_all [N, D]``:
     ``row_lse [S_c, B_l]`` (logsumexp over all N texts) and ``col_part [S_c, N]`` (logsumexp over the
@@ -170,19 +146,13 @@ def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
         x = _dot(zs, t_c, "sbd,cd->sbc", matmul_dtype)
         return jax.nn.logsumexp(x, axis=2), jax.nn.logsumexp(x, axis=1)
 
-    full, tail = _chunked(block, t_all, class_chunk)
-    rows, cols = [], []
-    if full is not None:
-        r, c = full  # [nc, S_c, B_l], [nc, S_c, C]
-        rows.append(r)
-        cols.append(jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1))
-    if tail is not None:
-        rows.append(tail[0][None])
-        cols.append(tail[1])
-    return jax.nn.logsumexp(jnp.concatenate(rows, axis=0), axis=0), jnp.concatenate(cols, axis=1)
+    parts = chunked_map(block, t_all, class_chunk)  # each ([nc, S_c, B_l], [nc, S_c, C])
+    rows = jnp.concatenate([r for r, _ in parts], axis=0)
+    cols = jnp.concatenate([jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1) for _, c in parts], axis=1)
+    return jax.nn.logsumexp(rows, axis=0), cols
 
 
-def _mc_softmax_terms(sample_fn: Callable, num_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
+def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
                       axis_name: AxisName, matmul_dtype):
     """Local sums of the i2t and t2i terms of the MC-softmax contrastive loss.
 
@@ -200,15 +170,10 @@ def _mc_softmax_terms(sample_fn: Callable, num_samples: int, t_loc_n, scale, *, 
         col_lse = _local_column_lse(col_part, offset, b_local, axis_name)
         return pos - row_lse, pos - col_lse  # log p_s(text i | image i), log p_s(image j | text j)
 
-    full, tail = _chunked(body, jnp.arange(num_samples), sample_chunk)
-    parts = []
-    if full is not None:
-        parts.append(jax.tree.map(lambda y: y.reshape((-1, b_local)), full))
-    if tail is not None:
-        parts.append(tail)
-    log_p_i2t = jnp.concatenate([p[0] for p in parts], axis=0)  # [S, B_l]
-    log_p_t2i = jnp.concatenate([p[1] for p in parts], axis=0)
-    log_s = math.log(num_samples)
+    parts = chunked_map(body, jnp.arange(mc_samples), sample_chunk)  # each ([nc, S_c, B_l], [nc, S_c, B_l])
+    log_p_i2t = jnp.concatenate([p[0].reshape((-1, b_local)) for p in parts], axis=0)  # [S, B_l]
+    log_p_t2i = jnp.concatenate([p[1].reshape((-1, b_local)) for p in parts], axis=0)
+    log_s = math.log(mc_samples)
     i2t = -(jax.nn.logsumexp(log_p_i2t, axis=0) - log_s)
     t2i = -(jax.nn.logsumexp(log_p_t2i, axis=0) - log_s)
     return jnp.sum(i2t), jnp.sum(t2i)
@@ -225,19 +190,12 @@ def _top1_counts(img_n, t_loc_n, class_chunk: Optional[int], axis_name: AxisName
     own = offset + jnp.arange(b_local)
 
     def block(args):
-        t_c, start = args
+        t_c, ids = args  # a chunk of texts and their global indices
         x = _dot(img_n, t_c, "bd,cd->bc", matmul_dtype)
-        return (jnp.max(x, axis=1), jnp.argmax(x, axis=1) + start,
+        return (jnp.max(x, axis=1), jnp.argmax(x, axis=1) + ids[0],
                 jnp.max(x, axis=0), jnp.argmax(x, axis=0) + offset)
 
-    c = n if class_chunk is None else min(class_chunk, n)
-    n_full, rem = divmod(n, c)
-    results = []
-    if n_full:
-        tb = t_all[: n_full * c].reshape(n_full, c, -1)
-        results.append(jax.lax.map(block, (tb, jnp.arange(n_full) * c)))
-    if rem:
-        results.append(jax.tree.map(lambda y: y[None], block((t_all[n_full * c:], n_full * c))))
+    results = chunked_map(block, (t_all, jnp.arange(n)), class_chunk, remat=False)
     row_max = jnp.concatenate([r[0] for r in results], axis=0)  # [nc, B_l]
     row_arg = jnp.concatenate([r[1] for r in results], axis=0)
     best = jnp.argmax(row_max, axis=0)  # first chunk holding the maximum
@@ -288,7 +246,7 @@ def clip_loss(img, txt, scale, *, axis_name: AxisName = None, class_chunk: Optio
                    axis_name=axis_name, matmul_dtype=matmul_dtype)
 
 
-def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: Optional[int] = None,
+def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: Optional[int] = None,
                class_chunk: Optional[int] = None, axis_name: AxisName = None,
                matmul_dtype=None) -> tuple[jax.Array, Aux]:
     """Contrastive HET-XL MC-softmax loss (DESIGN §2), chunked over samples and classes.
@@ -300,7 +258,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: 
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
     _check_scalar("scale", scale)
-    _check_count("num_samples", num_samples, allow_none=False)
+    _check_count("mc_samples", mc_samples, allow_none=False)
     _check_count("sample_chunk", sample_chunk, allow_none=True)
     _check_count("class_chunk", class_chunk, allow_none=True)
     scale = jnp.asarray(scale, jnp.float32)
@@ -313,7 +271,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, num_samples: int, sample_chunk: 
     def sample_fn(s_idx):
         return jax.vmap(lambda s: noise_lib.noisy_sample(mean32, noise32, key, s, ids))(s_idx)
 
-    s_i2t, s_t2i = _mc_softmax_terms(sample_fn, num_samples, t_loc_n, scale, sample_chunk=sample_chunk,
+    s_i2t, s_t2i = _mc_softmax_terms(sample_fn, mc_samples, t_loc_n, scale, sample_chunk=sample_chunk,
                                      class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype)
     n_global = b_local * _axis_size(axis_name)
     loss, aux = _finish(s_i2t, s_t2i, noise_lib.l2_normalize(mean32), t_loc_n, n_global, scale,
@@ -343,8 +301,7 @@ def siglip_loss(img, txt, scale, bias, *, axis_name: AxisName = None, class_chun
     def block(t_c):
         return jnp.sum(jax.nn.log_sigmoid(-(_dot(xs, t_c, "bd,cd->bc", matmul_dtype) + bias)), axis=1)
 
-    full, tail = _chunked(block, t_all, class_chunk)
-    neg = (0.0 if full is None else jnp.sum(full, axis=0)) + (0.0 if tail is None else tail)  # [B_l]
+    neg = sum(jnp.sum(p, axis=0) for p in chunked_map(block, t_all, class_chunk))  # [B_l]
     pos = _dot(xs, t_loc_n, "bd,bd->b", matmul_dtype) + bias
     n_global = img.shape[0] * _axis_size(axis_name)
     acc_i2t, acc_t2i = _top1_counts(img_n, t_loc_n, class_chunk, axis_name, matmul_dtype)
@@ -378,20 +335,20 @@ def clip_loss_naive(img, txt, scale) -> tuple[jax.Array, Aux]:
                              "logit_scale": jnp.asarray(scale, jnp.float32)}
 
 
-def hetxl_loss_naive(mean, noise, txt, scale, key, *, num_samples: int) -> tuple[jax.Array, Aux]:
+def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int) -> tuple[jax.Array, Aux]:
     """Reference HET-XL loss with the full ``[N, S, N]`` logits."""
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
     _check_scalar("scale", scale)
-    _check_count("num_samples", num_samples, allow_none=False)
+    _check_count("mc_samples", mc_samples, allow_none=False)
     n = mean.shape[0]
-    z = noise_lib.sample_embeddings(mean.astype(jnp.float32), noise, key, num_samples)  # [N, S, D]
+    z = noise_lib.sample_embeddings(mean.astype(jnp.float32), noise, key, mc_samples)  # [N, S, D]
     t = noise_lib.l2_normalize(txt)
     logits = jnp.asarray(scale, jnp.float32) * jnp.einsum("isd,jd->isj", z, t)  # [N, S, N]
     ids = jnp.arange(n)
     log_p_i2t = jax.nn.log_softmax(logits, axis=2)[ids, :, ids]  # [N, S]: image i, its text i
     log_p_t2i = jax.nn.log_softmax(logits, axis=0)[ids, :, ids]  # [N, S]: text j, its image j
-    log_s = math.log(num_samples)
+    log_s = math.log(mc_samples)
     i2t = -jnp.mean(jax.nn.logsumexp(log_p_i2t, axis=1) - log_s)
     t2i = -jnp.mean(jax.nn.logsumexp(log_p_t2i, axis=1) - log_s)
     acc_i2t, acc_t2i = _naive_acc(noise_lib.l2_normalize(mean) @ t.T)
@@ -445,7 +402,7 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, axis: AxisName = "data",
     not; under ``jax.jit`` they are resharded as needed): embeddings and per-example noise are split
     over ``axis`` along the batch dimension; ``C``, ``scale``, ``bias`` and ``key`` are replicated.
     It returns the replicated ``(loss, aux)``. ``static_kwargs`` go to the loss
-    (``num_samples=...``, ``class_chunk=...``, ...); ``axis_name`` is set here.
+    (``mc_samples=...``, ``class_chunk=...``, ...); ``axis_name`` is set here.
     """
     if loss_fn not in _NUM_ARGS:
         raise ValueError(f"sharded() supports clip_loss, hetxl_loss and siglip_loss, got {loss_fn!r}")
@@ -503,7 +460,7 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
     if kind == "hetxl":
         if mc_samples < 1:
             raise ValueError(f"the hetxl loss needs mc_samples >= 1, got {mc_samples}")
-        fn = sharded(hetxl_loss, mesh, axis, num_samples=mc_samples, sample_chunk=sample_chunk, **chunks)
+        fn = sharded(hetxl_loss, mesh, axis, mc_samples=mc_samples, sample_chunk=sample_chunk, **chunks)
     else:
         fn = sharded(siglip_loss if kind == "sigmoid" else clip_loss, mesh, axis, **chunks)
 

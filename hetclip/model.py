@@ -2,12 +2,12 @@
 
 ``ModelConfig`` describes the whole model (JSON round trip via ``to_dict``/``from_dict``);
 ``PRESETS``/``preset(name, **overrides)`` give the standard sizes; ``DualEncoder`` is the Flax module
-(parameter tree in docs/ARCHITECTURE.md); ``Encoders`` is a jitted inference wrapper around params.
+(parameter tree in docs/ARCHITECTURE.md); ``embedding_functions`` are the deterministic encoders that
+``Encoders`` (a jitted inference wrapper around params) and the StableHLO export use.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from typing import Any, Mapping, Optional
 
@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetclip import noise as noise_lib
+from hetclip.config import renamed_message
 from hetclip.data.decode import NORM_SCALE, NORM_SHIFT
+from hetclip.suggest import did_you_mean
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
 from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
                             VisionTransformer, compute_dtype)
@@ -68,13 +70,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Inverse of ``to_dict``; unknown keys raise a ``ValueError`` naming the key (with a suggestion)."""
-        _check_keys(cls, d, "ModelConfig")
+        _check_keys(d, [f.name for f in dataclasses.fields(cls)], "ModelConfig")
         kwargs = dict(d)
         for name, sub in _NESTED.items():
             if name in kwargs and not isinstance(kwargs[name], sub):
                 if not isinstance(kwargs[name], Mapping):
                     raise TypeError(f"ModelConfig.{name} must be a mapping, got {type(kwargs[name]).__name__}")
-                _check_keys(sub, kwargs[name], f"ModelConfig.{name}")
+                _check_keys(kwargs[name], [f.name for f in dataclasses.fields(sub)], f"ModelConfig.{name}",
+                            f"{name}.")
                 kwargs[name] = sub(**kwargs[name])
         return cls(**kwargs)
 
@@ -89,12 +92,14 @@ class ModelConfig:
 _NESTED = {"vision": VisionConfig, "text": TextConfig, "het": HetConfig, "temperature": TemperatureConfig}
 
 
-def _check_keys(cls, d: Mapping[str, Any], where: str):
-    known = [f.name for f in dataclasses.fields(cls)]
+def _check_keys(d: Mapping[str, Any], known, where: str, section: str = ""):
+    """Refuse a key of ``d`` (the model config's ``section``, e.g. ``"het."``) that is not in ``known``,
+    naming its new name if it was renamed, else the nearest known key."""
+    known = list(known)
     for key in d:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            renamed = renamed_message(f"model.{section}{key}")
+            hint = f"; {renamed}" if renamed else did_you_mean(key, known)
             raise ValueError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(known)})")
 
 
@@ -121,33 +126,25 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def _merge(base: dict, over: Mapping[str, Any], where: str) -> dict:
+def _merge(base: dict, over: Mapping[str, Any], where: str, section: str = "") -> dict:
+    _check_keys(over, base, where, section)
     out = dict(base)
     for k, v in over.items():
-        if k not in base:
-            _check_keys_from(base, k, where)
         if dataclasses.is_dataclass(v):
             v = dataclasses.asdict(v)
         if isinstance(base.get(k), dict) and isinstance(v, Mapping):
-            out[k] = _merge(base[k], v, f"{where}.{k}")
+            out[k] = _merge(base[k], v, f"{where}.{k}", f"{section}{k}.")
         else:
             out[k] = v
     return out
-
-
-def _check_keys_from(base: dict, key: str, where: str):
-    close = difflib.get_close_matches(str(key), list(base), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(base)})")
 
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A preset with overrides; nested sections merge, e.g.
     ``preset("tiny", het={"enabled": True}, text={"vocab_size": 1000, "eos_token_id": 999})``."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model preset {name!r}{hint} (choose one of {', '.join(PRESETS)})")
+        raise ValueError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)} "
+                         f"(choose one of {', '.join(PRESETS)})")
     return ModelConfig.from_dict(_merge(PRESETS[name].to_dict(), overrides, f"preset {name!r}"))
 
 
@@ -225,6 +222,21 @@ def count_params(tree) -> int:
     return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def embedding_functions(cfg: ModelConfig):
+    """``(image_fn(params, images), text_fn(params, tokens))``: pure functions returning the
+    L2-normalised deterministic embeddings ``[B, D]`` in float32 (images: the mean ``μ``). ``Encoders``
+    jits them; the StableHLO export closes them over the parameters."""
+    model = DualEncoder(cfg)
+
+    def image_fn(params, images):
+        return noise_lib.l2_normalize(model.apply({"params": params}, images, method=DualEncoder.encode_image)["mean"])
+
+    def text_fn(params, tokens):
+        return noise_lib.l2_normalize(model.apply({"params": params}, tokens, method=DualEncoder.encode_text))
+
+    return image_fn, text_fn
+
+
 class Encoders:
     """Jitted inference around ``params``: deterministic normalised embeddings (``μ`` for images),
     plus MC samples of the HET-XL image embedding."""
@@ -234,17 +246,11 @@ class Encoders:
         self.params = params
         self.model = DualEncoder(cfg)
         apply = self.model.apply
+        _image, _text = embedding_functions(cfg)
 
-        def _image(p, images):
+        def _samples(p, images, key, mc_samples):
             out = apply({"params": p}, images, method=DualEncoder.encode_image)
-            return noise_lib.l2_normalize(out["mean"])
-
-        def _text(p, tokens):
-            return noise_lib.l2_normalize(apply({"params": p}, tokens, method=DualEncoder.encode_text))
-
-        def _samples(p, images, key, num_samples):
-            out = apply({"params": p}, images, method=DualEncoder.encode_image)
-            return noise_lib.sample_embeddings(out["mean"], out["noise"], key, num_samples)
+            return noise_lib.sample_embeddings(out["mean"], out["noise"], key, mc_samples)
 
         self._image = jax.jit(_image)
         self._text = jax.jit(_text)
@@ -287,13 +293,13 @@ class Encoders:
         """L2-normalised text embeddings ``[B, D]``."""
         return self._text(self.params, self._check_tokens(tokens))
 
-    def image_samples(self, images, key, num_samples: int):
+    def image_samples(self, images, key, mc_samples: int):
         """``[B, S, D]`` normalised noisy HET-XL samples ``(μ + ε_s)/‖μ + ε_s‖``."""
         if not self.config.het.enabled:
             raise ValueError("image_samples needs the HET-XL head, but this model has het.enabled=False")
-        if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1 to draw HET-XL samples")
-        return self._samples(self.params, self._check_images(images), key, int(num_samples))
+        if not isinstance(mc_samples, (int, np.integer)) or mc_samples < 1:
+            raise ValueError(f"mc_samples={mc_samples!r} must be an integer >= 1 to draw HET-XL samples")
+        return self._samples(self.params, self._check_images(images), key, int(mc_samples))
 
     @property
     def logit_scale(self) -> float:

@@ -65,11 +65,11 @@ def noisy_sample(mean, noise, key, sample_index, example_ids):
     return l2_normalize(mean + perturbation(noise, e_low, e_diag))
 
 
-def sample_embeddings(mean, noise, key, num_samples: int, example_ids=None):
+def sample_embeddings(mean, noise, key, mc_samples: int, example_ids=None):
     """``[B, S, D]`` normalised noisy embeddings (zero-shot MC prediction, diagnostics)."""
     if example_ids is None:
         example_ids = jnp.arange(mean.shape[0])
-    samples = jax.vmap(lambda s: noisy_sample(mean, noise, key, s, example_ids))(jnp.arange(num_samples))
+    samples = jax.vmap(lambda s: noisy_sample(mean, noise, key, s, example_ids))(jnp.arange(mc_samples))
     return jnp.swapaxes(samples, 0, 1)
 
 

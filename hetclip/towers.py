@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetclip.xla import BF16_DOT_FLAGS, cpu_flags
+from hetclip.xla import fast_bf16_matmul
 
 LN_EPS = 1e-5
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -40,20 +40,9 @@ def activation_fn(name: str) -> Callable:
     raise ValueError(f"activation={name!r} is not supported; choose one of {ACTIVATIONS}")
 
 
-def fast_bf16_matmul() -> bool:
-    """Whether bf16 matmuls with fp32 accumulation beat fp32 on JAX's default backend: always on
-    GPU/TPU; on CPU only with native bf16 dot products, AMX (``amx_bf16``) or AVX-512 BF16
-    (``avx512_bf16``). Measured in this project (bench/throughput.py, tiny training step): 3x faster
-    than fp32 with AMX, 2.1x on an AVX-512 BF16 EPYC (Zen 5); on an AVX2-only CPU (no native bf16) a
-    bf16 training step is about 10 % slower than fp32."""
-    if jax.default_backend() != "cpu":
-        return True
-    return bool(BF16_DOT_FLAGS & cpu_flags())
-
-
 def compute_dtype(name: Any):
     """``'float32' | 'bfloat16' | 'auto'`` (or a dtype) -> jnp dtype. ``'auto'`` is bfloat16 where the
-    hardware has fast bf16 matmuls (``fast_bf16_matmul``) and float32 elsewhere."""
+    hardware has fast bf16 matmuls (``hetclip.xla.fast_bf16_matmul``) and float32 elsewhere."""
     allowed = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if isinstance(name, str):
         if name == "auto":
@@ -67,19 +56,28 @@ def compute_dtype(name: Any):
     return dt.type
 
 
-def _check_common(kind: str, width: int, layers: int, heads: int, mlp_ratio: float, activation: str):
-    if width < 1 or layers < 1 or heads < 1:
-        raise ValueError(f"{kind}: width, layers and heads must be >= 1, got width={width}, "
-                         f"layers={layers}, heads={heads}")
-    if width % heads:
-        raise ValueError(f"{kind}: width={width} is not divisible by heads={heads}")
-    if mlp_ratio <= 0 or int(round(width * mlp_ratio)) < 1:
-        raise ValueError(f"{kind}: mlp_ratio={mlp_ratio} must be > 0")
-    activation_fn(activation)
+class _TowerShape:
+    """What both tower configs share (their ``width``, ``layers``, ``heads``, ``mlp_ratio``,
+    ``activation`` fields): the checks of those fields and ``mlp_dim``."""
+
+    def _check_shape(self):
+        kind, width, heads = type(self).__name__, self.width, self.heads
+        if width < 1 or self.layers < 1 or heads < 1:
+            raise ValueError(f"{kind}: width, layers and heads must be >= 1, got width={width}, "
+                             f"layers={self.layers}, heads={heads}")
+        if width % heads:
+            raise ValueError(f"{kind}: width={width} is not divisible by heads={heads}")
+        if self.mlp_ratio <= 0 or self.mlp_dim < 1:
+            raise ValueError(f"{kind}: mlp_ratio={self.mlp_ratio} must be > 0")
+        activation_fn(self.activation)
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.width * self.mlp_ratio))
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_TowerShape):
     """ViT image tower. ``image_size`` must be a multiple of ``patch_size``."""
     width: int = 768
     layers: int = 12
@@ -90,14 +88,10 @@ class VisionConfig:
     activation: str = "quick_gelu"
 
     def __post_init__(self):
-        _check_common("VisionConfig", self.width, self.layers, self.heads, self.mlp_ratio, self.activation)
+        self._check_shape()
         if self.patch_size < 1 or self.image_size < 1 or self.image_size % self.patch_size:
             raise ValueError(f"VisionConfig: image_size={self.image_size} must be a positive multiple "
                              f"of patch_size={self.patch_size}")
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(round(self.width * self.mlp_ratio))
 
     @property
     def num_patches(self) -> int:
@@ -105,7 +99,7 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(_TowerShape):
     """Causal text transformer pooled at the first ``eos_token_id`` of each row."""
     width: int = 512
     layers: int = 12
@@ -117,17 +111,13 @@ class TextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
-        _check_common("TextConfig", self.width, self.layers, self.heads, self.mlp_ratio, self.activation)
+        self._check_shape()
         if self.vocab_size < 2 or self.context_length < 1:
             raise ValueError(f"TextConfig: vocab_size={self.vocab_size} must be >= 2 and "
                              f"context_length={self.context_length} >= 1")
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(f"TextConfig: eos_token_id={self.eos_token_id} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(round(self.width * self.mlp_ratio))
 
 
 def _dot(a, b, contract):

@@ -32,7 +32,7 @@ from hetclip import checkpoint as ckpt_lib
 from hetclip import config as config_lib
 from hetclip import distributed as dist
 from hetclip import losses
-from hetclip import metrics as metrics_lib
+from hetclip import runlog
 from hetclip import workdir as workdir_lib
 from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.data.loader import TooManyBadSamples
@@ -104,11 +104,11 @@ def make_loss(model_cfg: ModelConfig, mesh):
     (scale, SigLIP bias, HET-XL ``C``) read from ``params``, then ``losses.make_loss``."""
     model = DualEncoder(model_cfg)
     het = model_cfg.het
-    kind = "sigmoid" if model_cfg.loss == "sigmoid" else ("hetxl" if het.enabled and het.num_samples > 0
+    kind = "sigmoid" if model_cfg.loss == "sigmoid" else ("hetxl" if het.enabled and het.mc_samples > 0
                                                           else "softmax")
     # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX, AVX-512 BF16); logsumexps stay fp32.
     mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
-    fn = losses.make_loss(kind, mesh, dist.BATCH_AXES, mc_samples=het.num_samples, sample_chunk=het.sample_chunk,
+    fn = losses.make_loss(kind, mesh, dist.BATCH_AXES, mc_samples=het.mc_samples, sample_chunk=het.sample_chunk,
                           class_chunk=het.class_chunk, matmul_dtype=mm)
 
     def loss(params, emb, key):
@@ -211,7 +211,7 @@ def make_data(cfg, tokenizer, *, local_batch: int, state: dict | None):
     from hetclip.data.loader import make_train_loader
 
     spec = {k: v for k, v in cfg.data.to_dict().items() if k not in _NOT_LOADER_KEYS}
-    spec["num_samples"] = spec.get("num_samples") or None
+    spec["epoch_size"] = spec.get("epoch_size") or None
     return make_train_loader(spec, tokenizer, batch_size=local_batch, seed=cfg.seed,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_workers=cfg.data.num_workers, state=state)
@@ -475,9 +475,9 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
     data_pos = data.state()  # the loader position of the last batch a step consumed
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
+    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
-    bar = metrics_lib.Progress(run.total_steps, initial=start_step, enabled=main and progress)
+    bar = runlog.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)
     logit_scale = jax.jit(lambda p: DualEncoder(run.model_cfg).apply({"params": p}, method=DualEncoder.logit_scale))
 
@@ -508,7 +508,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                     batch, data_pos_next = next(feed)
                 except StopIteration:
                     raise TrainingError(f"the data ran out at step {step} (set data.epochs higher or "
-                                        "num_samples correctly)") from None
+                                        "data.epoch_size correctly)") from None
                 except (DataWorkerError, TooManyBadSamples) as e:
                     raise TrainingError(f"input data at step {step + 1}: {e}") from None
                 window["wait"] += feed.wait_seconds - waited

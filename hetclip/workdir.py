@@ -103,11 +103,11 @@ def save_or_check_config(config: dict, workdir: str, allow_change: bool, *, writ
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
+                saved = config_lib.upgrade_stored(json.load(f))
         except ValueError as e:
             raise config_lib.ConfigError(f"{path} is not valid JSON ({e}); restore it or use another --workdir") \
                 from None
-        changes = config_lib.diff(saved, config)
+        changes = [c for c in config_lib.diff(saved, config) if not _disabled_head_setting(c, saved, config)]
         if changes and not allow_change:
             raise config_lib.ConfigError(
                 f"the work directory {workdir!r} holds a run with a different config ({path}):\n  "
@@ -117,6 +117,16 @@ def save_or_check_config(config: dict, workdir: str, allow_change: bool, *, writ
             log.warning("resuming with config changes: %s", "; ".join(changes))
     if write:
         write_json_atomic(path, config)
+
+
+def _disabled_head_setting(change: str, saved: dict, new: dict) -> bool:
+    """Whether ``change`` is a setting of the HET-XL head while the head is off in both configs
+    (it then has no parameters and no effect on the run)."""
+    def off(cfg: dict) -> bool:
+        return not ((cfg.get("model") or {}).get("het") or {}).get("enabled", False)
+
+    return change.startswith("model.het.") and not change.startswith("model.het.enabled:") \
+        and off(saved) and off(new)
 
 
 # --------------------------------------------------------------------------------------------

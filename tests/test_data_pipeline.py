@@ -120,19 +120,19 @@ def test_process_split_is_disjoint_and_needs_enough_shards(shard_set):
                           process_index=0, process_count=5, num_workers=0)
 
 
-def test_sizes_json_and_num_samples(tmp_path, shard_set):
+def test_sizes_json_and_epoch_size(tmp_path, shard_set):
     src = shards.parse_sources(shard_set)
-    assert shards.epoch_num_samples(src) == 32
-    assert shards.epoch_num_samples(shards.parse_sources(shard_set, [0.5])) == 16
-    assert shards.epoch_num_samples(src, 1000) == 1000
+    assert shards.epoch_size(src) == 32
+    assert shards.epoch_size(shards.parse_sources(shard_set, [0.5])) == 16
+    assert shards.epoch_size(src, 1000) == 1000
     loader = make_train_loader({"shards": shard_set}, CharTokenizer(), batch_size=2, seed=0, num_workers=0)
-    assert loader.num_samples == 32
+    assert loader.epoch_size == 32
     loader.close()
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "00000.tar").write_bytes(open(src[0].urls[0], "rb").read())
     with pytest.raises(shards.ShardError, match="sizes.json"):
-        shards.epoch_num_samples(shards.parse_sources(str(bare / "00000.tar")))
+        shards.epoch_size(shards.parse_sources(str(bare / "00000.tar")))
 
 
 # ----------------------------------------------------------------------------- the stream

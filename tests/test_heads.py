@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hetclip import heads as H
+from hetclip import supervised_heads as SH
 from hetclip import noise as noise_lib
 
 
@@ -84,8 +85,8 @@ def test_initial_noise_is_modest(pe):
 
 
 def test_het_config_errors():
-    with pytest.raises(ValueError, match="num_samples=0 must be >= 1 when the HET-XL head is enabled"):
-        H.HetConfig(enabled=True, num_samples=0)
+    with pytest.raises(ValueError, match="mc_samples=0 must be >= 1 when the HET-XL head is enabled"):
+        H.HetConfig(enabled=True, mc_samples=0)
     with pytest.raises(ValueError, match="num_factors=0"):
         H.HetConfig(num_factors=0)
     with pytest.raises(ValueError, match="init_scale=0"):
@@ -130,8 +131,8 @@ def _np_log_softmax(u):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _all_normals(key, num_samples, batch, dim, r):
-    return jax.vmap(lambda s: noise_lib.standard_normals(key, s, jnp.arange(batch), dim, r))(jnp.arange(num_samples))
+def _all_normals(key, mc_samples, batch, dim, r):
+    return jax.vmap(lambda s: noise_lib.standard_normals(key, s, jnp.arange(batch), dim, r))(jnp.arange(mc_samples))
 
 
 def _np_perturbation(noise, e_low, e_diag):
@@ -140,19 +141,19 @@ def _np_perturbation(noise, e_low, e_diag):
     return low + n["d"] * e_diag
 
 
-def _prob_space_reference(logit_fn, noise, key, num_samples, dim, kind, scale, batch):
+def _prob_space_reference(logit_fn, noise, key, mc_samples, dim, kind, scale, batch):
     """Probability-space MC average, sample by sample, with the same normals (float64)."""
     e_lows, e_diags = (np.asarray(x, np.float64)
-                       for x in _all_normals(key, num_samples, batch, dim, noise_lib.rank(noise)))
+                       for x in _all_normals(key, mc_samples, batch, dim, noise_lib.rank(noise)))
     acc_p = acc_q = 0.0
-    for s in range(num_samples):
+    for s in range(mc_samples):
         eps = _np_perturbation(noise, e_lows[s], e_diags[s])
         u = logit_fn(eps) * scale
         if kind == "softmax":
-            acc_p = acc_p + np.exp(_np_log_softmax(u)) / num_samples
+            acc_p = acc_p + np.exp(_np_log_softmax(u)) / mc_samples
         else:
-            acc_p = acc_p + 1 / (1 + np.exp(-u)) / num_samples
-            acc_q = acc_q + 1 / (1 + np.exp(u)) / num_samples
+            acc_p = acc_p + 1 / (1 + np.exp(-u)) / mc_samples
+            acc_q = acc_q + 1 / (1 + np.exp(u)) / mc_samples
     return np.log(acc_p), (np.log(acc_q) if kind == "sigmoid" else None)
 
 
@@ -160,8 +161,8 @@ def _prob_space_reference(logit_fn, noise, key, num_samples, dim, kind, scale, b
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("pe", [True, False])
 def test_classifier_mc_log_space_equals_probability_space(xl, kind, pe):
-    cls = H.HetXLClassifier if xl else H.HetClassifier
-    mod = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=2,
+    cls = SH.HetXLClassifier if xl else SH.HetClassifier
+    mod = cls(num_classes=7, num_factors=3, mc_samples=5, param_efficient=pe, kind=kind, sample_chunk=2,
               init_scale=1.0)
     x = jax.random.normal(jax.random.key(0), (4, 6))
     key = jax.random.key(9)
@@ -184,7 +185,7 @@ def test_classifier_mc_log_space_equals_probability_space(xl, kind, pe):
     if not (xl and pe):
         return
     # Chunking over samples does not change the result.
-    one_chunk = cls(num_classes=7, num_factors=3, num_samples=5, param_efficient=pe, kind=kind, sample_chunk=5,
+    one_chunk = cls(num_classes=7, num_factors=3, mc_samples=5, param_efficient=pe, kind=kind, sample_chunk=5,
                     init_scale=1.0)
     np.testing.assert_allclose(jax.jit(one_chunk.apply)(variables, x, key)["log_probs"], out["log_probs"],
                                rtol=1e-5, atol=1e-6)
@@ -196,14 +197,14 @@ def test_zero_noise_equals_det(kind):
     x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
-    det = H.det_log_probs(x @ w + b, kind, 2.0)
+    det = SH.det_log_probs(x @ w + b, kind, 2.0)
     zero_xl = {"d": jnp.zeros((3, 5)), "v": jnp.zeros((3, 5)), "C": jnp.ones((5, 2))}
     zero_het = {"d": jnp.zeros((3, 4)), "V": jnp.zeros((3, 4, 2))}
 
     @jax.jit
     def both(key):
-        return (H.hetxl_log_probs(x, zero_xl, w, b, 2.0, key, 6, kind, sample_chunk=4),
-                H.het_log_probs(x @ w + b, zero_het, 2.0, key, 6, kind, sample_chunk=4))
+        return (SH.hetxl_log_probs(x, zero_xl, w, b, 2.0, key, 6, kind, sample_chunk=4),
+                SH.het_log_probs(x @ w + b, zero_het, 2.0, key, 6, kind, sample_chunk=4))
 
     xl, het = both(jax.random.key(0))
     for key in det:
@@ -213,14 +214,14 @@ def test_zero_noise_equals_det(kind):
 
 def test_deterministic_mode_and_det_classifier():
     x = jax.random.normal(jax.random.key(0), (3, 6))
-    mod = H.HetXLClassifier(num_classes=4, num_factors=2, num_samples=3)
+    mod = SH.HetXLClassifier(num_classes=4, num_factors=2, mc_samples=3)
     v = _perturbed(mod.init(jax.random.key(1), x, jax.random.key(2)), jax.random.key(3))
     out = mod.apply(v, x, deterministic=True)
     p = v["params"]
     logits = x @ p["classifier"]["kernel"] + p["classifier"]["bias"]
     scale = H.Temperature(mod.temperature).apply({"params": p["temperature"]})
     np.testing.assert_allclose(out["log_probs"], jax.nn.log_softmax(logits * scale), rtol=1e-5, atol=1e-6)
-    det = H.DetClassifier(num_classes=4, kind="sigmoid")
+    det = SH.DetClassifier(num_classes=4, kind="sigmoid")
     dv = {"params": {"classifier": p["classifier"]}}
     dout = det.apply(dv, x)
     np.testing.assert_allclose(dout["log_probs"], jax.nn.log_sigmoid(logits), rtol=1e-5, atol=1e-6)
@@ -230,39 +231,39 @@ def test_deterministic_mode_and_det_classifier():
 def test_log_space_is_stable_for_confident_predictions():
     logits = jnp.array([[0.0, 60.0, -60.0]])
     noise = {"d": jnp.full((1, 3), 0.01), "V": jnp.zeros((1, 3, 1))}
-    out = jax.jit(lambda l: H.het_log_probs(l, noise, 20.0, jax.random.key(0), 4, "softmax"))(logits)
+    out = jax.jit(lambda l: SH.het_log_probs(l, noise, 20.0, jax.random.key(0), 4, "softmax"))(logits)
     assert np.all(np.isfinite(out["log_probs"]))
     assert float(out["log_probs"][0, 2]) < -2000  # far below float32's exp underflow, still exact-ish
     g = jax.jit(jax.grad(
-        lambda l: H.het_log_probs(l, noise, 20.0, jax.random.key(0), 4, "softmax")["log_probs"][0, 0]))(logits)
+        lambda l: SH.het_log_probs(l, noise, 20.0, jax.random.key(0), 4, "softmax")["log_probs"][0, 0]))(logits)
     assert np.all(np.isfinite(g))
 
 
 def test_classifier_loss():
     log_p = jnp.log(jnp.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]]))
     out = {"log_probs": log_p}
-    assert float(H.classifier_loss(out, jnp.array([1, 0]))) == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2)
+    assert float(SH.classifier_loss(out, jnp.array([1, 0]))) == pytest.approx(-(math.log(0.5) + math.log(0.6)) / 2)
     soft = jnp.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
     want = -(0.5 * math.log(0.5) + 0.5 * math.log(0.3) + math.log(0.6)) / 2
-    assert float(H.classifier_loss(out, soft)) == pytest.approx(want, rel=1e-6)
+    assert float(SH.classifier_loss(out, soft)) == pytest.approx(want, rel=1e-6)
     p = np.array([[0.9, 0.2], [0.3, 0.6]])
     sig = {"log_probs": jnp.log(p), "log_1m_probs": jnp.log(1 - p)}
     y = np.array([[1, 0], [1, 1]])
     want = -np.mean(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p), -1))
-    assert float(H.classifier_loss(sig, jnp.asarray(y))) == pytest.approx(want, rel=1e-6)
+    assert float(SH.classifier_loss(sig, jnp.asarray(y))) == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match=r"labels shape \(2, 4\) does not match"):
-        H.classifier_loss(out, jnp.zeros((2, 4)))
+        SH.classifier_loss(out, jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match="integer class ids"):
-        H.classifier_loss(out, jnp.array([0.0, 1.0]))
+        SH.classifier_loss(out, jnp.array([0.0, 1.0]))
 
 
 def test_classifier_errors():
     x = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="kind='softplus'"):
-        H.DetClassifier(num_classes=3, kind="softplus").init(jax.random.key(0), x)
-    mod = H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=2)
+        SH.DetClassifier(num_classes=3, kind="softplus").init(jax.random.key(0), x)
+    mod = SH.HetXLClassifier(num_classes=3, num_factors=2, mc_samples=2)
     v = mod.init(jax.random.key(0), x, jax.random.key(1))
     with pytest.raises(ValueError, match="needs a PRNG key unless deterministic=True"):
         mod.apply(v, x)
-    with pytest.raises(ValueError, match="num_samples=0 must be >= 1"):
-        H.HetXLClassifier(num_classes=3, num_factors=2, num_samples=0).apply(v, x, jax.random.key(1))
+    with pytest.raises(ValueError, match="mc_samples=0 must be >= 1"):
+        SH.HetXLClassifier(num_classes=3, num_factors=2, mc_samples=0).apply(v, x, jax.random.key(1))

@@ -168,3 +168,13 @@ def test_not_a_model_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(clip_config().to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         hf.params_from_hf(str(tmp_path))
+
+
+def test_a_het_head_json_with_the_old_sample_key_still_imports():
+    from hetclip.heads import HetConfig
+
+    config = hf.normalize_hf_config(clip_config().to_dict())
+    old = {"num_factors": 3, "num_samples": 5, "param_efficient": False, "init_scale": 0.2}
+    cfg = hf.model_config_from_hf(config, {"het_config": old})
+    assert cfg.het == HetConfig(enabled=True, num_factors=3, mc_samples=5, param_efficient=False, init_scale=0.2)
+    assert hf.model_config_from_hf(config, {"het_config": hf.het_head_description(cfg)["het_config"]}).het == cfg.het

@@ -78,8 +78,8 @@ def test_clip_chunked_matches_naive(class_chunk):
 ])
 def test_hetxl_chunked_matches_naive(form, sample_chunk, class_chunk):
     mean, noise, txt, scale, key = _inputs(form)
-    naive = lambda m, nz, t, sc: L.hetxl_loss_naive(m, nz, t, sc, key, num_samples=S)
-    chunked = lambda m, nz, t, sc: L.hetxl_loss(m, nz, t, sc, key, num_samples=S, sample_chunk=sample_chunk,
+    naive = lambda m, nz, t, sc: L.hetxl_loss_naive(m, nz, t, sc, key, mc_samples=S)
+    chunked = lambda m, nz, t, sc: L.hetxl_loss(m, nz, t, sc, key, mc_samples=S, sample_chunk=sample_chunk,
                                                  class_chunk=class_chunk)
     (v0, aux0), g0 = _jit(jax.value_and_grad(naive, argnums=(0, 1, 2, 3), has_aux=True))(mean, noise, txt, scale)
     (v1, aux1), g1 = _jit(jax.value_and_grad(chunked, argnums=(0, 1, 2, 3), has_aux=True))(
@@ -134,8 +134,8 @@ def test_siglip_sharded_matches_single_device():
 @pytest.mark.parametrize("form", ["efficient", pytest.param("full", marks=pytest.mark.slow)])
 def test_hetxl_sharded_matches_single_device(form):
     mean, noise, txt, scale, key = _inputs(form, n=32)
-    f8 = L.sharded(L.hetxl_loss, _mesh8(), num_samples=S, sample_chunk=2, class_chunk=12)
-    f1 = lambda *a: L.hetxl_loss_naive(*a, num_samples=S)
+    f8 = L.sharded(L.hetxl_loss, _mesh8(), mc_samples=S, sample_chunk=2, class_chunk=12)
+    f1 = lambda *a: L.hetxl_loss_naive(*a, mc_samples=S)
     _grad_both(f1, f8, (mean, noise, txt, scale, key), (0, 1, 2, 3))
 
 
@@ -144,8 +144,8 @@ def test_hetxl_sharded_over_two_mesh_axes():
     """The trainer's (data, fsdp) mesh: batch split over both axes."""
     mean, noise, txt, scale, key = _inputs(n=16)
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-    f = L.sharded(L.hetxl_loss, mesh, axis=("data", "fsdp"), num_samples=3, sample_chunk=2)
-    _grad_both(lambda *a: L.hetxl_loss_naive(*a, num_samples=3), f, (mean, noise, txt, scale, key), (0, 1, 2, 3))
+    f = L.sharded(L.hetxl_loss, mesh, axis=("data", "fsdp"), mc_samples=3, sample_chunk=2)
+    _grad_both(lambda *a: L.hetxl_loss_naive(*a, mc_samples=3), f, (mean, noise, txt, scale, key), (0, 1, 2, 3))
 
 
 def test_sharded_with_explicit_mesh():
@@ -157,14 +157,14 @@ def test_sharded_with_explicit_mesh():
 
 # ------------------------------------------------------------------ properties
 
-@pytest.mark.parametrize("num_samples", [1, 4])
-def test_zero_noise_equals_det(num_samples):
+@pytest.mark.parametrize("mc_samples", [1, 4])
+def test_zero_noise_equals_det(mc_samples):
     mean, noise, txt, scale, key = _inputs()
     zero = {k: (jnp.zeros_like(a) if k != "C" else a) for k, a in noise.items()}
     det = _jit(L.clip_loss_naive)(mean, txt, scale)[0]
-    het = _jit(lambda *a: L.hetxl_loss(*a, key, num_samples=num_samples, sample_chunk=3, class_chunk=5))(
+    het = _jit(lambda *a: L.hetxl_loss(*a, key, mc_samples=mc_samples, sample_chunk=3, class_chunk=5))(
         mean, zero, txt, scale)[0]
-    het_naive = _jit(lambda *a: L.hetxl_loss_naive(*a, key, num_samples=num_samples))(mean, zero, txt, scale)[0]
+    het_naive = _jit(lambda *a: L.hetxl_loss_naive(*a, key, mc_samples=mc_samples))(mean, zero, txt, scale)[0]
     _close(het, det)
     _close(het_naive, det)
 
@@ -172,7 +172,7 @@ def test_zero_noise_equals_det(num_samples):
 def test_noise_changes_the_loss():
     mean, noise, txt, scale, key = _inputs(noise_scale=1.0)
     det = _jit(L.clip_loss)(mean, txt, scale)[0]
-    het = _jit(lambda *a: L.hetxl_loss(*a, key, num_samples=4))(mean, noise, txt, scale)[0]
+    het = _jit(lambda *a: L.hetxl_loss(*a, key, mc_samples=4))(mean, noise, txt, scale)[0]
     assert abs(float(het) - float(det)) > 1e-2
 
 
@@ -195,8 +195,8 @@ def test_log_space_mc_average_matches_probability_space_numpy():
     t2i = -np.mean([np.log(np.mean(p_t2i[j, :, j])) for j in range(n)])
     expected = (i2t + t2i) / 2
     args = (mean, noise, txt, jnp.float32(scale))
-    for value, aux in (_jit(lambda *a: L.hetxl_loss_naive(*a, key, num_samples=s))(*args),
-                       _jit(lambda *a: L.hetxl_loss(*a, key, num_samples=s, sample_chunk=1, class_chunk=2))(*args)):
+    for value, aux in (_jit(lambda *a: L.hetxl_loss_naive(*a, key, mc_samples=s))(*args),
+                       _jit(lambda *a: L.hetxl_loss(*a, key, mc_samples=s, sample_chunk=1, class_chunk=2))(*args)):
         np.testing.assert_allclose(float(value), expected, rtol=RTOL)
         np.testing.assert_allclose(float(aux["loss_i2t"]), i2t, rtol=RTOL)
         np.testing.assert_allclose(float(aux["loss_t2i"]), t2i, rtol=RTOL)
@@ -229,7 +229,7 @@ def test_chunked_memory_does_not_grow_with_samples():
     mean, noise, txt, scale, key = _inputs(n=128, d=32)
 
     def temp_bytes(fn, s):
-        g = jax.jit(jax.grad(lambda m, nz, t: fn(m, nz, t, scale, key, num_samples=s)[0], argnums=(0, 1, 2)))
+        g = jax.jit(jax.grad(lambda m, nz, t: fn(m, nz, t, scale, key, mc_samples=s)[0], argnums=(0, 1, 2)))
         return g.lower(mean, noise, txt).compile().memory_analysis().temp_size_in_bytes
 
     chunked = lambda *a, **k: L.hetxl_loss(*a, **k, sample_chunk=2, class_chunk=32)
@@ -245,13 +245,13 @@ def test_chunked_memory_does_not_grow_with_samples():
 def test_bad_inputs_raise_clear_errors():
     mean, noise, txt, scale, key = _inputs()
     het = lambda **kw: L.hetxl_loss(kw.pop("mean", mean), kw.pop("noise", noise), kw.pop("txt", txt),
-                                    kw.pop("scale", scale), key, **{"num_samples": 2, **kw})
-    with pytest.raises(ValueError, match="num_samples=0 must be a positive integer"):
-        het(num_samples=0)
-    with pytest.raises(ValueError, match="num_samples=1.5"):
-        het(num_samples=1.5)
-    with pytest.raises(ValueError, match="num_samples=0"):
-        L.hetxl_loss_naive(mean, noise, txt, scale, key, num_samples=0)
+                                    kw.pop("scale", scale), key, **{"mc_samples": 2, **kw})
+    with pytest.raises(ValueError, match="mc_samples=0 must be a positive integer"):
+        het(mc_samples=0)
+    with pytest.raises(ValueError, match="mc_samples=1.5"):
+        het(mc_samples=1.5)
+    with pytest.raises(ValueError, match="mc_samples=0"):
+        L.hetxl_loss_naive(mean, noise, txt, scale, key, mc_samples=0)
     with pytest.raises(ValueError, match="sample_chunk=0"):
         het(sample_chunk=0)
     with pytest.raises(ValueError, match="class_chunk=-1"):
@@ -282,7 +282,7 @@ def test_sharded_bad_inputs():
     mean, noise, txt, scale, key = _inputs(n=12)
     mesh = _mesh8()
     with pytest.raises(ValueError, match="global batch 12 is not divisible by the 8 devices"):
-        L.sharded(L.hetxl_loss, mesh, num_samples=2)(mean, noise, txt, scale, key)
+        L.sharded(L.hetxl_loss, mesh, mc_samples=2)(mean, noise, txt, scale, key)
     with pytest.raises(ValueError, match="axis 'batch' is not an axis of the mesh"):
         L.sharded(L.clip_loss, mesh, axis="batch")
     with pytest.raises(ValueError, match="sharded\\(\\) supports"):
@@ -301,9 +301,9 @@ def test_gradients_under_shard_map_without_vma_checks(loss):
         fn = functools.partial(L.clip_loss, axis_name="data", class_chunk=3)
         args, specs, ref = (mean, txt, scale), (P("data"), P("data"), P()), L.clip_loss_naive
     else:
-        fn = functools.partial(L.hetxl_loss, axis_name="data", num_samples=3, sample_chunk=2)
+        fn = functools.partial(L.hetxl_loss, axis_name="data", mc_samples=3, sample_chunk=2)
         args = (mean, noise, txt, scale, key)
         specs = (P("data"), {"d": P("data"), "v": P("data"), "C": P()}, P("data"), P(), P())
-        ref = functools.partial(L.hetxl_loss_naive, num_samples=3)
+        ref = functools.partial(L.hetxl_loss_naive, mc_samples=3)
     multi = jax.shard_map(fn, mesh=_mesh8(), in_specs=specs, out_specs=(P(), P()), check_vma=False)
     _grad_both(ref, multi, args, (0, 1, 2, 3) if loss == "hetxl" else (0, 1, 2))

@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from hetclip import heads as H
+from hetclip import supervised_heads as SH
 from hetclip import params as P
 from hetclip.model import PRESETS, ModelConfig, abstract_params, count_params, preset
 
@@ -26,9 +27,9 @@ def test_counts_match_flax_classifiers(pe):
     x = jax.ShapeDtypeStruct((2, d), "float32")
     key = jax.random.key(0)
     got = {}
-    for name, mod in (("DET", H.DetClassifier(num_classes=k)),
-                      ("HET", H.HetClassifier(num_classes=k, num_factors=r, param_efficient=pe, num_samples=2)),
-                      ("HET-XL", H.HetXLClassifier(num_classes=k, num_factors=r, param_efficient=pe, num_samples=2))):
+    for name, mod in (("DET", SH.DetClassifier(num_classes=k)),
+                      ("HET", SH.HetClassifier(num_classes=k, num_factors=r, param_efficient=pe, mc_samples=2)),
+                      ("HET-XL", SH.HetXLClassifier(num_classes=k, num_factors=r, param_efficient=pe, mc_samples=2))):
         args = (x,) if name == "DET" else (x, key)
         got[name] = count_params(jax.eval_shape(mod.init, key, *args)["params"])
     for c in P.head_counts(k, d, r, pe):

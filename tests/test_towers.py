@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hetclip import noise as noise_lib
-from hetclip import towers
+from hetclip import towers, xla
 from hetclip.model import DualEncoder, Encoders, ModelConfig, abstract_params, count_params, init_params, preset
 
 EOS = 49
@@ -325,7 +325,7 @@ def test_encoders_validation(small):
         enc.text_embeddings(no_eos)
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         enc.text_embeddings(np.where(toks == EOS, EOS, 50))
-    with pytest.raises(ValueError, match="num_samples=0"):
+    with pytest.raises(ValueError, match="mc_samples=0"):
         enc.image_samples(np.zeros((1, 16, 16, 3), np.float32), jax.random.key(0), 0)
     off = Encoders(small_cfg(), init_params(small_cfg(vision={**SMALL["vision"], "layers": 1},
                                                       text={**SMALL["text"], "layers": 1}), jax.random.key(0)))
@@ -363,13 +363,13 @@ def test_text_config_errors():
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     """'auto' is bf16 only where bf16 matmuls are fast (AMX or AVX-512 BF16 on CPU), else fp32; it validates
     like the others."""
-    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert towers.compute_dtype("auto") == jnp.float32
-    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
     assert towers.compute_dtype("auto") == jnp.float32  # AVX-512 without its bf16 extension
-    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "amx_tile", "amx_bf16"}))
     assert towers.compute_dtype("auto") == jnp.bfloat16
-    monkeypatch.setattr(towers, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(xla, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert towers.compute_dtype("auto") == jnp.bfloat16
     from hetclip.model import preset
     assert preset("tiny", dtype="auto").dtype == "auto"

@@ -32,7 +32,7 @@ def tiny_config(tokenizer_dir, *, het=False, loss="softmax", batch=16, steps=6):
     c = base_config("tiny", het=het, vision=dict(width=32, layers=1, heads=2, patch_size=8, image_size=16),
                     text=dict(width=32, layers=1, heads=2, context_length=16), embed_dim=16, loss=loss)
     with c.unlocked():
-        c.model.het.update(num_factors=3, num_samples=4 if het else 0, sample_chunk=3)
+        c.model.het.update(num_factors=3, mc_samples=4 if het else 0, sample_chunk=3)
         c.batch_size = batch
         c.total_steps = steps
         c.log_every = 1
@@ -231,3 +231,39 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path, 
 
     step, params, _ = load_params(work)
     assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def _age_keys(d: dict, model_prefix: str = "") -> dict:
+    """Rename the present keys back to the names they had before (as an older hetclip wrote them)."""
+    for old, new in config_lib.RENAMED_KEYS.items():
+        if not new.startswith(model_prefix):
+            continue
+        *parents, last = new[len(model_prefix):].split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node[old.rsplit(".", 1)[1]] = node.pop(last)
+    return d
+
+
+def test_a_run_written_with_old_key_names_resumes_and_loads(tokenizer_dir, tmp_path):
+    from hetclip.checkpoint import load_run
+
+    cfg = tiny_config(tokenizer_dir, het=True, steps=4)
+    work = tmp_path / "old"
+    train_lib.train(cfg, str(work), progress=False, max_steps=2)
+    config_json = work / "config.json"
+    config_json.write_text(json.dumps(_age_keys(json.loads(config_json.read_text()))))
+    metas = [p for p in (work / "checkpoints").glob("*/meta/*") if p.is_file() and '"model"' in p.read_text()]
+    assert metas
+    for p in metas:
+        meta = json.loads(p.read_text())
+        _age_keys(meta["config"])
+        _age_keys(meta["model"], "model.")
+        assert "num_samples" in meta["model"]["het"] and "num_samples" in meta["config"]["data"]
+        p.write_text(json.dumps(meta))
+    old = load_run(str(work))  # evaluation / export of the old run
+    assert old.step == 2 and old.model_cfg.het.mc_samples == 4
+    assert old.meta["config"]["data"]["epoch_size"] == 0 and "num_samples" not in old.meta["config"]["data"]
+    summary = train_lib.train(cfg, str(work), progress=False)  # resume (no --allow-config-change)
+    assert summary["step"] == 4 and load_run(str(work)).model_cfg.het.mc_samples == 4

@@ -22,7 +22,7 @@ def get_config(arg=""):
     c = base_config("tiny", het=het, vision=dict(width=32, layers=1, heads=2, patch_size=8, image_size=32),
                     text=dict(width=32, layers=1, heads=2, context_length=16), embed_dim=16)
     if het:
-        c.model.het.update(num_factors=3, num_samples=4, sample_chunk=2)
+        c.model.het.update(num_factors=3, mc_samples=4, sample_chunk=2)
     c.batch_size = 16
     c.total_steps = {steps}
     c.log_every = 1

@@ -332,7 +332,7 @@ def test_real_encoders_sharded_mc(tmp_path):
     import jax
     from hetclip.model import Encoders, init_params, preset
 
-    cfg = preset("tiny", embed_dim=16, het={"enabled": True, "num_factors": 2, "num_samples": 2},
+    cfg = preset("tiny", embed_dim=16, het={"enabled": True, "num_factors": 2, "mc_samples": 2},
                  vision={"width": 32, "layers": 1, "heads": 2, "patch_size": 8, "image_size": 16},
                  text={"width": 32, "layers": 1, "heads": 2, "vocab_size": 8, "context_length": 12,
                        "eos_token_id": 5})

@@ -17,14 +17,10 @@ from typing import Callable, Dict, MutableMapping, Optional, Sequence
 
 import numpy as np
 
+from hetclip.noise import l2_normalize
 from hetclip.zero_shot.templates import prompts as make_prompts
 
 EncodeText = Callable[[np.ndarray], np.ndarray]
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.sqrt(np.maximum((x * x).sum(axis=axis, keepdims=True), eps))
 
 
 def tokenizer_spec(tokenizer) -> object:
@@ -75,8 +71,8 @@ def encode_texts(encode_text: EncodeText, tokenizer, texts: Sequence[str], batch
 
 def average_templates(prompt_embeddings: np.ndarray) -> np.ndarray:
     """``[C, T, D]`` prompt embeddings -> ``[C, D]``: normalise each, average over T, renormalise."""
-    e = l2_normalize(prompt_embeddings)
-    return l2_normalize(e.mean(axis=1))
+    e = l2_normalize(np.asarray(prompt_embeddings, np.float32))
+    return np.asarray(l2_normalize(e.mean(axis=1)))
 
 
 def build_classifier(encode_text: EncodeText, tokenizer, classnames: Sequence[str], templates: Sequence[str],

@@ -34,8 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.model import normalize_images
+from hetclip.noise import l2_normalize
 from hetclip.zero_shot import datasets as ds
-from hetclip.zero_shot.classifier import build_classifier, classifier_info, encode_texts, l2_normalize
+from hetclip.zero_shot.classifier import build_classifier, classifier_info, encode_texts
 from hetclip.zero_shot.metrics import ClassificationMeter, retrieval_recall
 from hetclip.zero_shot.templates import load_templates
 
@@ -81,20 +82,15 @@ def _normalising(fn: Optional[Callable]) -> Optional[Callable]:
 
 @jax.jit
 def _det_log_probs(emb, weights, scale):
-    logits = scale * (_normalize(emb) @ weights.T)
+    logits = scale * (l2_normalize(emb) @ weights.T)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
 @jax.jit
 def _mc_log_probs(samples, weights, scale):
-    logits = scale * jnp.einsum("bsd,cd->bsc", _normalize(samples), weights)
+    logits = scale * jnp.einsum("bsd,cd->bsc", l2_normalize(samples), weights)
     per_sample = jax.nn.log_softmax(logits, axis=-1)
     return jax.nn.logsumexp(per_sample, axis=1) - jnp.log(samples.shape[1])
-
-
-def _normalize(x):
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def deterministic_log_probs(embeddings, weights, logit_scale) -> np.ndarray:
