@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import tarfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import decode
 from . import folders

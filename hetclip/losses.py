@@ -34,7 +34,7 @@ import functools
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
