@@ -157,7 +157,26 @@ def _find_classnames(urls: Sequence[str]) -> Optional[str]:
     return None
 
 
-class WdsClassification:
+class _ShardSource:
+    """Shards read in order; ``_item`` turns each sample (its image member and ``members``) into a work
+    item or a ``ShardFailure`` naming the sample."""
+
+    members: tuple = ()
+    shards: List[str]
+
+    def items(self) -> Iterator[Any]:
+        keep = set(IMAGE_EXTS) | set(self.members)
+        for s in _shard_samples(self.shards, keep.__contains__):
+            if isinstance(s, ShardFailure):
+                yield s
+            else:
+                yield self._item(s["__url__"], s["__key__"], _image_member(s), s)
+
+    def _item(self, url: str, key: str, img: Optional[str], s: dict) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class WdsClassification(_ShardSource):
     """Webdataset evaluation shards: ``KEY.<image>`` + ``KEY.cls`` (integer label)."""
 
     kind = "wds"
@@ -174,28 +193,22 @@ class WdsClassification:
         self.classnames_source = classnames if isinstance(classnames, str) else "list"
         self.classnames = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
 
-    def items(self) -> Iterator[Any]:
+    members = ("cls",)
+
+    def _item(self, url: str, key: str, img: Optional[str], s: dict) -> Any:
+        if img is None or "cls" not in s:
+            what = "an image" if img is None else "a .cls label"
+            return ShardFailure(url, "missing_label" if img else "missing_image", f"sample {key!r} has no {what}",
+                                key=key)
         c = len(self.classnames)
-        keep = set(IMAGE_EXTS) | {"cls"}
-        for s in _shard_samples(self.shards, keep.__contains__):
-            if isinstance(s, ShardFailure):
-                yield s
-                continue
-            url, key = s["__url__"], s["__key__"]
-            img = _image_member(s)
-            if img is None or "cls" not in s:
-                what = "an image" if img is None else "a .cls label"
-                yield ShardFailure(url, "missing_label" if img else "missing_image",
-                                   f"sample {key!r} has no {what}", key=key)
-                continue
-            raw = s["cls"].decode("utf-8", "replace").strip()
-            try:
-                label = int(raw)
-            except ValueError:
-                raise ValueError(f"{url}: {key}.cls holds {raw[:40]!r}, not an integer label") from None
-            if not 0 <= label < c:
-                raise ValueError(f"{url}: {key}.cls = {label} is outside [0, {c}) ({c} class names)")
-            yield eval_item(f"{key}.{img}", url, s[img], label)
+        raw = s["cls"].decode("utf-8", "replace").strip()
+        try:
+            label = int(raw)
+        except ValueError:
+            raise ValueError(f"{url}: {key}.cls holds {raw[:40]!r}, not an integer label") from None
+        if not 0 <= label < c:
+            raise ValueError(f"{url}: {key}.cls = {label} is outside [0, {c}) ({c} class names)")
+        return eval_item(f"{key}.{img}", url, s[img], label)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "shards": self.spec, "num_shards": len(self.shards),
@@ -215,7 +228,7 @@ def captions_of(sample: dict) -> List[str]:
     return []
 
 
-class WdsRetrieval:
+class WdsRetrieval(_ShardSource):
     """Webdataset image–text shards: ``KEY.<image>`` + ``KEY.txt`` (one caption per line) or ``KEY.json``."""
 
     kind = "wds-retrieval"
@@ -225,25 +238,17 @@ class WdsRetrieval:
         self.shards = shard_urls(spec)
         self.classnames: List[str] = []
 
-    def items(self) -> Iterator[Any]:
-        keep = set(IMAGE_EXTS) | {"txt", "json"}
-        for s in _shard_samples(self.shards, keep.__contains__):
-            if isinstance(s, ShardFailure):
-                yield s
-                continue
-            url, key = s["__url__"], s["__key__"]
-            img = _image_member(s)
-            try:
-                caps = captions_of(s)
-            except ValueError as e:
-                yield ShardFailure(url, "bad_caption", f"{key}.json is not valid JSON: {e}", key=key)
-                continue
-            if img is None or not caps:
-                yield ShardFailure(url, "missing_image" if img is None else "missing_caption",
-                                   f"sample {key!r} has {sorted(k for k in s if not k.startswith('__'))}",
-                                   key=key)
-                continue
-            yield eval_item(f"{key}.{img}", url, s[img], caps)
+    members = ("txt", "json")
+
+    def _item(self, url: str, key: str, img: Optional[str], s: dict) -> Any:
+        try:
+            caps = captions_of(s)
+        except ValueError as e:
+            return ShardFailure(url, "bad_caption", f"{key}.json is not valid JSON: {e}", key=key)
+        if img is None or not caps:
+            return ShardFailure(url, "missing_image" if img is None else "missing_caption",
+                                f"sample {key!r} has {sorted(k for k in s if not k.startswith('__'))}", key=key)
+        return eval_item(f"{key}.{img}", url, s[img], caps)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "shards": self.spec, "num_shards": len(self.shards)}
