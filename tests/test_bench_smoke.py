@@ -67,6 +67,16 @@ def test_data_loader_on_demo_shards(run_bench, tmp_path):
     assert rep["decoders"][0]["case"] == "demo"
 
 
+@pytest.mark.slow
+def test_eval_loader_on_a_small_folder(run_bench, tmp_path):
+    _ok(run_bench("bench_eval_data", "--before", "", "--images", 12, "--batch-size", 4, "--size", 32, "--workers",
+                  "0,1", "--rounds", 1, "--tag", "t", "--out", tmp_path))
+    rep = json.loads((tmp_path / "eval_data_t.json").read_text())
+    assert [(r["version"], r["workers"], r["images"], r["image_dtype"]) for r in rep["rows"]] == [
+        ("after", 0, 12, "uint8"), ("after", 1, 12, "uint8")]
+    assert rep["rows"][1]["worker_ms_per_image"] > 0 and "| after | 1 |" in (tmp_path / "eval_data_t.md").read_text()
+
+
 def test_feed_refuses_too_few_logging_windows(run_bench, tmp_path):
     proc = run_bench("bench_feed", "--steps", 4, "--log-every", 2, "--out", tmp_path, timeout=120)
     assert proc.returncode == 2 and "--steps 4: needs at least 3 logging windows" in proc.stderr

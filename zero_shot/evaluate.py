@@ -198,6 +198,50 @@ def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer,
     return out
 
 
+# ---------------------------------------------------------------------------------------------- models
+
+def load_model(path: str, step: Optional[int] = None) -> Dict[str, Any]:
+    """``{"encoders", "tokenizer", "image_size", "resize_size", "model_id", "info"}`` from a training run
+    (``hetclip.checkpoint.load_run``) or a directory written by ``hetclip-export --format hf``."""
+    from hetclip.checkpoint import load_run
+    from hetclip.model import Encoders
+
+    if os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isfile(os.path.join(path, "model.safetensors")):
+        return _load_hf_export(path)
+    run = load_run(path, step)
+    preprocess = run.preprocess
+    image_size = int(preprocess.get("image_size", run.model_cfg.vision.image_size))
+    info = {"checkpoint": run.meta["checkpoint"], "step": run.step, "preprocess_saved": preprocess}
+    return {"encoders": Encoders(run.model_cfg, run.params), "tokenizer": run.tokenizer(), "image_size": image_size,
+            "resize_size": preprocess.get("resize_size"),
+            "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
+
+
+def _load_hf_export(path: str) -> Dict[str, Any]:
+    """A directory written by ``hetclip-export --format hf`` (or any HF CLIP directory with a fast tokenizer)."""
+    from hetclip.data.tokenizers import load_tokenizer
+    from hetclip.hf import params_from_hf
+    from hetclip.model import Encoders
+
+    params, cfg = params_from_hf(path)
+    image_size = cfg.vision.image_size
+    resize_size = None
+    pre_path = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(pre_path):
+        with open(pre_path, encoding="utf-8") as f:
+            pre = json.load(f)
+        crop = pre.get("crop_size", image_size)
+        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
+        size = pre.get("size")
+        if isinstance(size, dict) and "shortest_edge" in size:
+            resize_size = int(size["shortest_edge"])
+    tok = load_tokenizer(path, context_length=cfg.text.context_length)
+    info = {"checkpoint": os.path.abspath(path), "step": None, "format": "hf_export"}
+    return {"encoders": Encoders(cfg, params), "tokenizer": tok, "image_size": image_size,
+            "resize_size": resize_size, "model_id": f"hf:{info['checkpoint']}", "info": info}
+
+
 # ---------------------------------------------------------------------------------------------- data sets
 
 def _logit_scale(encoders) -> float:
@@ -281,52 +325,6 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
         "mc_samples": int(mc_samples), "seed": int(seed), "batch_size": int(batch_size),
         "reliability": reliability,
     }
-
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-def load_model(path: str, step: Optional[int] = None) -> Dict[str, Any]:
-    """``{"encoders", "tokenizer", "image_size", "resize_size", "model_id", "info"}`` from a training run
-    (``hetclip.checkpoint.load_run``) or a directory written by ``hetclip-export --format hf``."""
-    from hetclip.checkpoint import load_run
-    from hetclip.model import Encoders
-
-    if os.path.isfile(os.path.join(path, "config.json")) and \
-            os.path.isfile(os.path.join(path, "model.safetensors")):
-        return _load_hf_export(path)
-    run = load_run(path, step)
-    preprocess = run.preprocess
-    image_size = int(preprocess.get("image_size", run.model_cfg.vision.image_size))
-    info = {"checkpoint": run.meta["checkpoint"], "step": run.step, "preprocess_saved": preprocess}
-    return {"encoders": Encoders(run.model_cfg, run.params), "tokenizer": run.tokenizer(), "image_size": image_size,
-            "resize_size": preprocess.get("resize_size"),
-            "model_id": f"{info['checkpoint']}@{info['step']}", "info": info}
-
-
-def _load_hf_export(path: str) -> Dict[str, Any]:
-    """A directory written by ``hetclip-export --format hf`` (or any HF CLIP directory with a fast tokenizer)."""
-    from hetclip.data.tokenizers import load_tokenizer
-    from hetclip.hf import params_from_hf
-    from hetclip.model import Encoders
-
-    params, cfg = params_from_hf(path)
-    image_size = cfg.vision.image_size
-    resize_size = None
-    pre_path = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(pre_path):
-        with open(pre_path, encoding="utf-8") as f:
-            pre = json.load(f)
-        crop = pre.get("crop_size", image_size)
-        image_size = int(crop.get("height", image_size) if isinstance(crop, dict) else crop)
-        size = pre.get("size")
-        if isinstance(size, dict) and "shortest_edge" in size:
-            resize_size = int(size["shortest_edge"])
-    tok = load_tokenizer(path, context_length=cfg.text.context_length)
-    info = {"checkpoint": os.path.abspath(path), "step": None, "format": "hf_export"}
-    return {"encoders": Encoders(cfg, params), "tokenizer": tok, "image_size": image_size,
-            "resize_size": resize_size, "model_id": f"hf:{info['checkpoint']}", "info": info}
-
 
 
 def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, batch_size: int = 64,
