@@ -574,10 +574,16 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
 
 
 def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings):
-    """Towers from a Hugging Face CLIP directory (fine-tuning, LiT); the head keeps its init."""
+    """Towers from a Hugging Face CLIP directory (fine-tuning, LiT). A HET-XL head comes from the directory
+    when it holds one (``hetclip-export``), else it keeps its initialisation (a new head on pretrained towers)."""
     from hetclip import hf
 
-    imported, _ = hf.params_from_hf(path, model_cfg)
+    cfg = model_cfg
+    if model_cfg.het.enabled and not os.path.isfile(os.path.join(path, hf.HET_HEAD_WEIGHTS)):
+        cfg = dataclasses.replace(model_cfg, het=dataclasses.replace(model_cfg.het, enabled=False))
+        if dist.is_main_process():
+            log.info("init_from_hf: %s holds no HET-XL head; the head starts from its initialisation", path)
+    imported, _ = hf.params_from_hf(path, cfg)
     merged = dict(jax.device_get(params))
     for k, v in imported.items():
         if k in merged:

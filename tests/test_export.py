@@ -338,3 +338,24 @@ def test_cli_from_checkpoint(tok, tmp_path, capsys):
     assert json.loads((out / "export_spec.json").read_text())["platforms"] == ["cpu", "cuda"]
     assert export.main(["--checkpoint", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("exported_head", [False, True])
+def test_init_from_hf_takes_the_towers_and_a_head_only_if_exported(tok, tmp_path, exported_head):
+    """``init_from_hf`` (fine-tuning, LiT): every tower tensor comes from the HF directory; a HET-XL head
+    comes from it when it was exported with one, else it keeps its initialisation (a new head on
+    pretrained towers)."""
+    from hetclip import train as train_lib
+
+    het_cfg = tiny_cfg(tok, het={"enabled": True, "num_factors": 2})
+    source_cfg = het_cfg if exported_head else tiny_cfg(tok)
+    source = hf.flatten(make_params(source_cfg, seed=1))
+    export.export_hf(source_cfg, hf.unflatten(source), tok, {"image_size": 32}, tmp_path / "hf")
+    init = make_params(het_cfg, seed=2)
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), init)
+    got = hf.flatten(jax.device_get(train_lib._init_from_hf(str(tmp_path / "hf"), het_cfg, init, shardings)))
+    start = hf.flatten(init)
+    assert set(got) == set(start)
+    for k, v in got.items():
+        want = source[k] if (not k.startswith("het_head/") or exported_head) else start[k]
+        np.testing.assert_allclose(np.asarray(v), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=k)
