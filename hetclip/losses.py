@@ -441,7 +441,7 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, axis: AxisName = "data",
     return wrapped
 
 
-LOSS_KINDS = ("softmax", "hetxl", "sigmoid")
+TRAINING_LOSSES = ("softmax", "hetxl", "sigmoid")
 
 
 def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc_samples: int = 0,
@@ -451,32 +451,36 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
     ``axis`` of ``mesh`` (``sharded``).
 
     ``kind``: ``softmax`` (CLIP), ``hetxl`` (MC softmax with ``mc_samples`` samples) or ``sigmoid`` (SigLIP).
-    ``emb``: per-example ``{"mean", "txt", "noise/<d|v|V>"}``; ``shared``: ``{"scale"}`` plus ``"bias"``
-    (sigmoid) and ``"C"`` (parameter-efficient HET-XL). ``aux`` gains ``temperature`` (and ``logit_bias``).
+    ``emb``: per-example ``{"mean", "txt"}`` and, for ``hetxl``, ``"noise"`` (``d``, ``v`` or ``V``);
+    ``shared``: ``{"scale"}`` plus ``"bias"`` (sigmoid) and ``"C"`` (parameter-efficient HET-XL).
+    ``aux`` gains ``temperature`` (and ``logit_bias``).
     """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; one of {LOSS_KINDS}")
     chunks = dict(class_chunk=class_chunk, matmul_dtype=matmul_dtype)
     if kind == "hetxl":
         if mc_samples < 1:
             raise ValueError(f"the hetxl loss needs mc_samples >= 1, got {mc_samples}")
         fn = sharded(hetxl_loss, mesh, axis, mc_samples=mc_samples, sample_chunk=sample_chunk, **chunks)
+
+        def args(emb, shared, key):
+            noise = dict(emb["noise"], **({"C": shared["C"]} if shared.get("C") is not None else {}))
+            return emb["mean"], noise, emb["txt"], shared["scale"], key
+    elif kind == "sigmoid":
+        fn = sharded(siglip_loss, mesh, axis, **chunks)
+
+        def args(emb, shared, key):
+            return emb["mean"], emb["txt"], shared["scale"], shared["bias"]
+    elif kind == "softmax":
+        fn = sharded(clip_loss, mesh, axis, **chunks)
+
+        def args(emb, shared, key):
+            return emb["mean"], emb["txt"], shared["scale"]
     else:
-        fn = sharded(siglip_loss if kind == "sigmoid" else clip_loss, mesh, axis, **chunks)
+        raise ValueError(f"unknown loss kind {kind!r}; one of {TRAINING_LOSSES}")
 
     def loss(emb, shared, key):
-        scale = shared["scale"]
-        if kind == "sigmoid":
-            value, aux = fn(emb["mean"], emb["txt"], scale, shared["bias"])
-        elif kind == "hetxl":
-            noise = {k.split("/", 1)[1]: v for k, v in emb.items() if k.startswith("noise/")}
-            if shared.get("C") is not None:
-                noise["C"] = shared["C"]
-            value, aux = fn(emb["mean"], noise, emb["txt"], scale, key)
-        else:
-            value, aux = fn(emb["mean"], emb["txt"], scale)
-        aux = dict(aux, temperature=1.0 / scale)
-        if kind == "sigmoid":
+        value, aux = fn(*args(emb, shared, key))
+        aux = dict(aux, temperature=1.0 / shared["scale"])
+        if "bias" in shared:
             aux["logit_bias"] = shared["bias"]
         return value, aux
 

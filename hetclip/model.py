@@ -19,12 +19,13 @@ import numpy as np
 from hetclip import noise as noise_lib
 from hetclip.config import renamed_message
 from hetclip.data.decode import NORM_SCALE, NORM_SHIFT
-from hetclip.suggest import did_you_mean
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
+from hetclip.suggest import did_you_mean
 from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
                             VisionTransformer, compute_dtype)
 
 LOSS_KINDS = ("softmax", "sigmoid")
+SIGLIP_BIAS_INIT = -10.0
 
 
 def normalize_images(images):
@@ -33,8 +34,6 @@ def normalize_images(images):
     if images.dtype != jnp.uint8:
         return images
     return images.astype(jnp.float32) * jnp.asarray(NORM_SCALE) - jnp.asarray(NORM_SHIFT)
-
-SIGLIP_BIAS_INIT = -10.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,22 +80,14 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
 # Loss on embeddings
 
 
-def _split_noise(noise):
-    """Per-example part of the noise dict (what the towers produce per image) and shared ``C``."""
-    if noise is None:
-        return {}, None
-    per_example = {k: v for k, v in noise.items() if k != "C"}
-    return per_example, noise.get("C")
-
-
 def embed(model: DualEncoder, params, batch):
-    """Per-example outputs of both towers: ``{"mean", "txt", "noise/<d|v|V>"}``."""
+    """Per-example outputs of both towers: ``{"mean", "txt"}`` and, with the HET-XL head, ``"noise"`` (its
+    per-example part ``d``, ``v`` or ``V``; the shared ``C`` is a parameter the loss reads itself)."""
     img = model.apply({"params": params}, batch["image"], train=True, method=DualEncoder.encode_image)
     txt = model.apply({"params": params}, batch["text"], method=DualEncoder.encode_text)
     out = {"mean": img["mean"].astype(jnp.float32), "txt": txt.astype(jnp.float32)}
-    per_example, _ = _split_noise(img["noise"])
-    for k, v in per_example.items():
-        out[f"noise/{k}"] = v.astype(jnp.float32)
+    if img["noise"] is not None:
+        out["noise"] = {k: v.astype(jnp.float32) for k, v in img["noise"].items() if k != "C"}
     return out
 
 
