@@ -51,11 +51,30 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
 
 
+def frozen_groups(cfg: ml_collections.ConfigDict) -> frozenset[str]:
+    """The parameter groups ``cfg.freeze`` holds fixed (unknown names are a ``ConfigError``)."""
+    freeze = dict(cfg.get("freeze", {}) or {})
+    unknown = sorted(set(freeze) - set(GROUPS))
+    if unknown:
+        raise config_lib.ConfigError(f"freeze.{unknown[0]}: no such parameter group; groups are {list(GROUPS)}")
+    return frozenset(g for g in GROUPS if freeze.get(g, False))
+
+
+def stop_frozen(params, frozen: frozenset[str]):
+    """``params`` with a stop-gradient on every leaf of a frozen group: their gradients are zeros that
+    XLA never computes (a locked image tower costs no backward pass) and that do not count in the
+    gradient norm the clipping uses."""
+    if not frozen:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x) if param_group(_path_names(path)) in frozen else x, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
     """AdamW (paper defaults) with clipping, weight-decay mask, per-tower lr multipliers and freezing."""
     o = cfg.optim
     schedule = make_schedule(o, total_steps)
-    frozen = {g for g in GROUPS if cfg.freeze.get(g, False)}
+    frozen = frozen_groups(cfg)
 
     def label(path, x):
         g = param_group(_path_names(path))

@@ -39,7 +39,7 @@ from hetclip.data.loader import TooManyBadSamples
 from hetclip.data.workers import DataWorkerError
 from hetclip.prefetch import DevicePrefetcher
 from hetclip.model import DualEncoder, ModelConfig, abstract_params, init_params, normalize_images
-from hetclip.optim import make_optimizer, make_schedule
+from hetclip.optim import GROUPS, frozen_groups, make_optimizer, make_schedule, param_group, stop_frozen
 from hetclip.towers import compute_dtype
 
 log = logging.getLogger("hetclip.train")
@@ -134,8 +134,9 @@ def _micro_merge(y, n_shards: int):
     return jnp.swapaxes(z, 0, 1).reshape((accum * bm,) + y.shape[2:])
 
 
-def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 1):
-    """``step(state, batch, key) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``."""
+def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 1, frozen: frozenset = frozenset()):
+    """``step(state, batch, key) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``.
+    ``frozen``: parameter groups (``optim.GROUPS``) that get no gradient (``optim.stop_frozen``)."""
     model = DualEncoder(model_cfg)
     loss_fn = make_loss(model_cfg, mesh)
     n_shards = mesh.devices.size
@@ -144,6 +145,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
 
     def grads_single(params, batch, key):
         def total(p):
+            p = stop_frozen(p, frozen)
             return loss_fn(p, embed(model, p, batch), key)
 
         (value, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
@@ -158,14 +160,15 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
         emb = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(_micro_merge(y, n_shards), batch_sharding),
                            emb_micro)
         # The loss over the whole batch, its gradient wrt the embeddings and the head's shared params.
-        (value, aux), (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, emb, key)
+        (value, aux), (g_params, g_emb) = jax.value_and_grad(
+            lambda p, e: loss_fn(stop_frozen(p, frozen), e, key), argnums=(0, 1), has_aux=True)(params, emb)
         g_emb_micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             _micro_split(x, accum_steps, n_shards), micro_sharding), g_emb)
 
         # Pass 2: re-encode each micro-batch and back-propagate its slice of the embedding gradient.
         def body(acc, inputs):
             mb, g = inputs
-            _, vjp = jax.vjp(lambda p: embed(model, p, mb), params)
+            _, vjp = jax.vjp(lambda p: embed(model, stop_frozen(p, frozen), mb), params)
             (gp,) = vjp(g)
             return jax.tree.map(jnp.add, acc, gp), None
 
@@ -435,7 +438,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     p_shard = dist.tree_shardings(mesh, abstract)
     params = jax.jit(lambda k: init_params(run.model_cfg, k), out_shardings=p_shard)(init_key)
     if cfg.get("init_from_hf"):
-        params = _init_from_hf(cfg.init_from_hf, run.model_cfg, params, p_shard)
+        params = _init_from_hf(cfg.init_from_hf, run.model_cfg, params, p_shard, tuple(cfg.init_from_hf_groups))
     optimizer, schedule = make_optimizer(cfg, params, run.total_steps)
     o_abstract = jax.eval_shape(optimizer.init, params)
     o_shard = dist.tree_shardings(mesh, o_abstract)
@@ -458,7 +461,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
         if main:
             log.info("resumed from %s at step %d", ckpt.directory, start_step)
 
-    step_fn = jax.jit(guarded(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps)),
+    step_fn = jax.jit(guarded(make_train_step(run.model_cfg, optimizer, mesh, cfg.accum_steps, frozen_groups(cfg))),
                       donate_argnums=(0, 1))
     # Every leaf already placed as the step returns it, so the second call does not compile again.
     state = {"params": params, "opt_state": opt_state,
@@ -565,20 +568,26 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     return summary
 
 
-def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings):
-    """Towers from a Hugging Face CLIP directory (fine-tuning, LiT). A HET-XL head comes from the directory
-    when it holds one (``hetclip-export``), else it keeps its initialisation (a new head on pretrained towers)."""
+def _init_from_hf(path: str, model_cfg: ModelConfig, params, shardings, groups=GROUPS):
+    """The parameter ``groups`` (``optim.GROUPS``) from a Hugging Face CLIP directory, the rest as initialised:
+    all groups to fine-tune, ``("image",)`` for LiT (a pretrained image tower, the text tower from scratch).
+    A HET-XL head comes from the directory when it holds one (``hetclip-export``), else it keeps its
+    initialisation (a new head on pretrained towers)."""
     from hetclip import hf
 
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown or not groups:
+        raise config_lib.ConfigError(f"init_from_hf_groups={tuple(groups)!r}: name one or more of {list(GROUPS)}")
     cfg = model_cfg
-    if model_cfg.het.enabled and not os.path.isfile(os.path.join(path, hf.HET_HEAD_WEIGHTS)):
+    with_head = os.path.isfile(os.path.join(path, hf.HET_HEAD_WEIGHTS))
+    if model_cfg.het.enabled and not (with_head and "head" in groups):
         cfg = dataclasses.replace(model_cfg, het=dataclasses.replace(model_cfg.het, enabled=False))
-        if dist.is_main_process():
+        if "head" in groups and dist.is_main_process():
             log.info("init_from_hf: %s holds no HET-XL head; the head starts from its initialisation", path)
     imported, _ = hf.params_from_hf(path, cfg)
     merged = dict(jax.device_get(params))
     for k, v in imported.items():
-        if k in merged:
+        if k in merged and param_group((k,)) in groups:
             merged[k] = v
     return jax.device_put(merged, shardings)
 

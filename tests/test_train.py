@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from hetclip import config as config_lib
@@ -53,7 +54,7 @@ def _batch(cfg, tok, n, seed=0):
     return {"image": rng.standard_normal((n, s, s, 3)).astype(np.float32), "text": tok(texts)}
 
 
-def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None):
+def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None, flops=False):
     mcfg = train_lib.model_config(cfg, tok)
     mesh = dist.make_mesh(-1, fsdp, devices=devices)
     from hetclip.model import init_params
@@ -62,8 +63,10 @@ def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None):
     params = jax.device_put(params, dist.tree_shardings(mesh, params))
     opt, _ = optim_lib.make_optimizer(cfg, params, cfg.total_steps)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
-    step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum))
+    step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum, optim_lib.frozen_groups(cfg)))
     batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed) if batch is None else batch, mesh)
+    if flops:
+        return step.lower(state, batch, jax.random.key(7)).compile().cost_analysis()["flops"]
     new, metrics = step(state, batch, jax.random.key(7))
     return jax.device_get(new["params"]), jax.device_get(metrics)
 
@@ -71,6 +74,37 @@ def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None):
 def _close(a, b, rtol=2e-4, atol=2e-6):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_frozen_tower_gets_no_gradient_no_backward_pass_and_no_share_of_the_clip(tokenizer_dir):
+    """LiT: ``freeze.image`` keeps the image tower fixed, leaves it out of the gradient norm that the clipping
+    and the logged ``grad_norm`` use (accumulated step), and compiles a step without the image backward pass."""
+    from hetclip.model import DualEncoder, init_params
+
+    cfg = tiny_config(tokenizer_dir)
+    tok = load_tokenizer(cfg.data.tokenizer.to_dict())
+    devices = jax.devices()[:2]
+    full = _step_once(cfg, tok, devices, flops=True)
+    with cfg.unlocked():
+        cfg.freeze.image = True
+    assert _step_once(cfg, tok, devices, flops=True) < 0.85 * full
+    p_new, metrics = _step_once(cfg, tok, devices, accum=2)
+    mcfg = train_lib.model_config(cfg, tok)
+    p0 = jax.device_get(init_params(mcfg, jax.random.key(1)))
+    image = {k for k in p0 if optim_lib.param_group((k,)) == "image"}
+    assert image and all(np.array_equal(a, b) for k in image for a, b in
+                         zip(jax.tree.leaves(p0[k]), jax.tree.leaves(p_new[k])))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0["text_projection"]),
+                                                           jax.tree.leaves(p_new["text_projection"])))
+    # reference: the full gradient of the same loss, the image tower's part dropped
+    mesh = dist.make_mesh(-1, 1, devices=devices)
+    model, loss_fn = DualEncoder(mcfg), train_lib.make_loss(mcfg, mesh)
+    batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size), mesh)
+    batch = dict(batch, image=train_lib.normalize_images(batch["image"]))
+    grads = jax.grad(lambda p: loss_fn(p, train_lib.embed(model, p, batch), jax.random.key(7))[0])(p0)
+    trainable = {k: v for k, v in grads.items() if k not in image}
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(trainable), rtol=1e-4)
+    assert optax.tree.norm({k: grads[k] for k in image}) > 0.1 * optax.tree.norm(trainable)  # it would count
 
 
 @pytest.mark.parametrize("het,loss", [(False, "softmax"), (True, "softmax"), (False, "sigmoid")])
@@ -234,7 +268,11 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path, 
 
 
 def _age_keys(d: dict, model_prefix: str = "") -> dict:
-    """Rename the present keys back to the names they had before (as an older hetclip wrote them)."""
+    """Rename the present keys back to the names they had before and drop the keys added since (as an
+    older hetclip wrote them)."""
+    if not model_prefix:
+        for key in config_lib.ADDED_KEYS:
+            d.pop(key)
     for old, new in config_lib.RENAMED_KEYS.items():
         if not new.startswith(model_prefix):
             continue
