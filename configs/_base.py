@@ -35,6 +35,8 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
     c.model = preset(model, **model_overrides).to_dict()
     c.model_from_tokenizer = True
     c.init_from_hf = ""  # a Hugging Face CLIP directory to initialise the towers from
+    # ... which parameter groups it gives (the others keep their initialisation); ("image",) for LiT.
+    c.init_from_hf_groups = ("image", "text", "head", "temperature")
 
     # Optimizer (HET-XL paper / big_vision defaults for contrastive pretraining).
     c.optim = dict(lr=5e-4, warmup_init_lr=1e-5, warmup_steps=10_000, schedule="cosine", end_lr=0.0,

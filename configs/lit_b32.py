@@ -13,6 +13,7 @@ from hetclip.configs._base import base_config, variants, imagenet_task
 
 def get_config(arg: str = ""):
     c = base_config("B/32", het="het" in variants(arg))
+    c.init_from_hf_groups = ("image",)  # the text tower, head and temperature start from scratch
     c.freeze.image = True
     c.optim.lr = 1e-3
     c.total_samples = 3_000_000_000

@@ -129,6 +129,12 @@ RENAMED_KEYS = {
 }
 
 
+# Run-config keys added after runs were stored, with the value that reproduces those runs.
+ADDED_KEYS = {
+    "init_from_hf_groups": ["image", "text", "head", "temperature"],
+}
+
+
 def renamed_message(key: str) -> str | None:
     """``"data.num_samples was renamed to data.epoch_size"`` for an old key, else None."""
     new = RENAMED_KEYS.get(key)
@@ -155,8 +161,12 @@ def upgrade_stored(stored: dict, prefix: str = "") -> dict:
 
     ``prefix`` says which part of the run config ``stored`` is: ``""`` a whole run config
     (``WORKDIR/config.json``, a checkpoint's ``meta["config"]``), ``"model."`` a model config,
-    ``"model.het."`` the HET-XL head's settings. A present key wins over its old name."""
+    ``"model.het."`` the HET-XL head's settings. A present key wins over its old name. A whole run config
+    also gets the keys added since (``ADDED_KEYS``) with the value its run had."""
     out = copy.deepcopy(dict(stored))
+    if not prefix:
+        for key, value in ADDED_KEYS.items():
+            out.setdefault(key, copy.deepcopy(value))
     for old, new in RENAMED_KEYS.items():
         if not (old.startswith(prefix) and new.startswith(prefix)):
             continue
