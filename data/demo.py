@@ -15,9 +15,17 @@ Each image shows one object near the centre (or, less often, 2-3 anywhere) of on
 background (solid, gradient or noise texture); the difficulty knobs are in ``DEFAULTS``. Captions name
 both attributes, or (``shape_only_prob``, ``color_only_prob``) only one. Some colour-shape pairs are held
 out of training entirely (neither rendered nor captioned) and appear only in the ``shape_color``
-evaluation task. Optional input-dependent caption noise: samples that are hard to see (small objects ->
-shape word, low-contrast objects -> colour word) get a wrong attribute word with probability
-``noise_prob`` (easy samples with ``noise_prob_easy``); ``KEY.json`` records what was changed.
+evaluation task. Optional input-dependent caption noise (``noise_rule``) on the samples a rule selects,
+with probability ``noise_prob`` (the other samples: ``noise_prob_easy``); ``KEY.json`` records what was
+changed:
+
+- ``"hard"``: samples that are hard to see (small objects -> shape word, low-contrast objects -> colour
+  word) get a random wrong attribute word;
+- ``"color_partner"``: objects of the ``PARTNER_COLORS`` (the warm half of the palette, easy to see at any
+  size) get the shape word of the shape's look-alike (``PARTNER_SHAPES``: circle-ring, square-diamond,
+  star-cross, triangle-heart). The noise is a property of the image a model can see, not of its difficulty,
+  and it always points to one other class (unless that colour-shape pair is held out; then the caption
+  stays clean).
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "DemoPaths", "heldout_pairs", "render_scene",
+__all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "NOISE_RULES", "PARTNER_COLORS", "PARTNER_SHAPES", "DemoPaths", "heldout_pairs", "render_scene",
            "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
 
 FORMAT_VERSION = 2
@@ -58,6 +66,10 @@ BACKGROUNDS = {  # neutral tones only, so the colour of a scene is the colour of
 SIZES = {"small": (0.08, 0.13), "medium": (0.15, 0.24), "large": (0.24, 0.38)}  # radius / image size
 ROTATABLE = ("square", "diamond", "triangle", "star", "cross", "heart")  # circle and ring look the same turned
 COUNT_WORDS = {2: "two", 3: "three"}
+NOISE_RULES = ("hard", "color_partner")
+PARTNER_COLORS = ("red", "orange", "yellow", "pink")
+PARTNER_SHAPES = {"circle": "ring", "ring": "circle", "square": "diamond", "diamond": "square",
+                  "star": "cross", "cross": "star", "triangle": "heart", "heart": "triangle"}
 TASKS = ("shape", "color", "shape_color")
 TEMPLATES = {
     "shape": ["a photo of a {c}.", "a drawing of a {c}.", "a {c}.", "a picture of a {c}."],
@@ -79,8 +91,9 @@ DEFAULTS: dict[str, Any] = {
     "max_offset": 0.05,      # a single object's centre: at most this fraction of the image from the centre
     "shape_only_prob": 0.3,  # probability that a caption names the shape but not the colour
     "color_only_prob": 0.05, # ... the colour but not the shape
-    "noise_prob": 0.0,       # caption corruption probability for hard samples
-    "noise_prob_easy": 0.0,  # ... and for easy samples
+    "noise_rule": "hard",    # which samples get caption noise, and which: one of NOISE_RULES
+    "noise_prob": 0.0,       # caption corruption probability for the samples the rule selects
+    "noise_prob_easy": 0.0,  # ... and for the others
     "contrast_threshold": 0.2,
     "image_format": "png",
     "vocab_size": 1024,
@@ -320,27 +333,38 @@ def _train_sample(p: dict, index: int, heldout: set) -> tuple[np.ndarray, dict]:
     hard_shape = a["size"] == "small"
     hard_color = a["contrast"] < p["contrast_threshold"]
     hard = hard_shape or hard_color
-    prob = p["noise_prob"] if hard else p["noise_prob_easy"]
+    selected = hard if p["noise_rule"] == "hard" else color in PARTNER_COLORS
+    prob = p["noise_prob"] if selected else p["noise_prob_easy"]
     cap_shape, cap_color, corrupted = shape, color, None
     if rng.random() < prob:
-        if hard_shape and hard_color:
-            corrupted = ("shape", "color")[int(rng.integers(2))]
-        elif hard_shape or hard_color:
-            corrupted = "shape" if hard_shape else "color"
+        if p["noise_rule"] == "color_partner":
+            if (PARTNER_SHAPES[shape], color) not in heldout:
+                corrupted, cap_shape = "shape", PARTNER_SHAPES[shape]
         else:
-            corrupted = ("shape", "color")[int(rng.integers(2))]
-        if corrupted == "shape":
-            choices = [s for s in SHAPES if s != shape and (s, color) not in heldout]
-            cap_shape = choices[int(rng.integers(len(choices)))]
-        else:
-            choices = [c for c in names if c != color and (shape, c) not in heldout]
-            cap_color = choices[int(rng.integers(len(choices)))]
+            corrupted, cap_shape, cap_color = _random_wrong_word(rng, shape, color, hard_shape, hard_color, heldout)
     caption = make_caption(rng, cap_shape, cap_color, a["count"], a["size"], a["background_word"], a["position"],
                            shape_only_prob=p["shape_only_prob"], color_only_prob=p["color_only_prob"])
-    meta = {**a, "hard": hard, "hard_shape": hard_shape, "hard_color": hard_color,
+    meta = {**a, "hard": hard, "hard_shape": hard_shape, "hard_color": hard_color, "noise_selected": selected,
             "corrupted": corrupted is not None, "corrupted_attribute": corrupted,
             "caption_shape": cap_shape, "caption_color": cap_color, "caption": caption}
     return img, meta
+
+
+def _random_wrong_word(rng: np.random.Generator, shape: str, color: str, hard_shape: bool, hard_color: bool,
+                       heldout: set) -> tuple[str, str, str]:
+    """The ``"hard"`` rule's corruption: ``(attribute, caption shape, caption colour)``, the attribute that is
+    hard to see (either if both or neither are) replaced by a random other word outside the held-out pairs."""
+    if hard_shape and hard_color:
+        corrupted = ("shape", "color")[int(rng.integers(2))]
+    elif hard_shape or hard_color:
+        corrupted = "shape" if hard_shape else "color"
+    else:
+        corrupted = ("shape", "color")[int(rng.integers(2))]
+    if corrupted == "shape":
+        choices = [s for s in SHAPES if s != shape and (s, color) not in heldout]
+        return corrupted, choices[int(rng.integers(len(choices)))], color
+    choices = [c for c in COLORS if c != color and (shape, c) not in heldout]
+    return corrupted, shape, choices[int(rng.integers(len(choices)))]
 
 
 def _scene_params(p: dict) -> dict:
@@ -453,6 +477,8 @@ def _check_params(params: dict) -> dict:
     for k in ("num_train", "shard_size", "eval_per_class", "eval_per_combo"):
         if p[k] < 1:
             raise ValueError(f"demo parameter {k}={p[k]} must be >= 1")
+    if p["noise_rule"] not in NOISE_RULES:
+        raise ValueError(f"demo parameter noise_rule={p['noise_rule']!r} must be one of {list(NOISE_RULES)}")
     if p["image_format"] not in ("png", "jpg"):
         raise ValueError(f"demo parameter image_format={p['image_format']!r} must be 'png' or 'jpg'")
     if p["context_length"] < 2:

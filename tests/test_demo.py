@@ -130,6 +130,29 @@ def test_caption_noise_rate_and_input_dependence(noisy):
     assert m["train"]["num_corrupted"] == sum(x["corrupted"] for x in metas)
 
 
+def test_color_partner_noise_names_the_look_alike_on_warm_colours_only(tmp_path):
+    paths = demo.ensure_demo(tmp_path / "partner", noise_rule="color_partner", noise_prob=0.6, **SMALL)
+    metas = [json.loads(s["json"]) for s in _samples(paths).values()]
+    heldout = {tuple(x) for x in demo.heldout_pairs(0, demo.DEFAULTS["num_heldout"])}
+    assert set(demo.PARTNER_SHAPES) == set(demo.SHAPES) and set(demo.PARTNER_COLORS) < set(demo.COLORS)
+    assert all(demo.PARTNER_SHAPES[demo.PARTNER_SHAPES[s]] == s != demo.PARTNER_SHAPES[s] for s in demo.SHAPES)
+    warm = [m for m in metas if m["color"] in demo.PARTNER_COLORS]
+    assert all(m["noise_selected"] == (m in warm) for m in metas)
+    assert not any(m["corrupted"] for m in metas if m not in warm)  # noise_prob_easy = 0
+    for m in metas:
+        if m["corrupted"]:
+            assert m["corrupted_attribute"] == "shape" and m["caption_color"] == m["color"]
+            assert m["caption_shape"] == demo.PARTNER_SHAPES[m["shape"]]
+            assert (m["caption_shape"], m["color"]) not in heldout  # no held-out pair is ever named
+        else:
+            assert (m["caption_shape"], m["caption_color"]) == (m["shape"], m["color"])
+    possible = [m for m in warm if (demo.PARTNER_SHAPES[m["shape"]], m["color"]) not in heldout]
+    rate = np.mean([m["corrupted"] for m in possible])
+    assert len(possible) > 60 and abs(rate - 0.6) < 4 * np.sqrt(0.24 / len(possible)), rate
+    with pytest.raises(ValueError, match="noise_rule='colour'.*color_partner"):
+        demo.ensure_demo(tmp_path / "x", noise_rule="colour")
+
+
 def test_contrast_measures_what_is_drawn():
     rng = np.random.default_rng(0)
     full, faded = [], []
