@@ -618,11 +618,12 @@ def ensure_demo(out_dir: str | os.PathLike, *, workers: int = 1, force: bool = F
 
 
 def configure(cfg: dict, paths: DemoPaths) -> dict:
-    """A copy of a training config (as a dict) whose data shards, tokenizer and zero-shot tasks are the
-    demo data's at ``paths``."""
+    """A copy of a training config (as a dict) whose data shards, tokenizer (unless ``data.tokenizer.path``
+    names one, e.g. a pretrained model's) and zero-shot tasks are the demo data's at ``paths``."""
     out = copy.deepcopy(cfg)
     out["data"]["shards"] = paths.train_pattern
-    out["data"]["tokenizer"]["path"] = paths.tokenizer
+    if not out["data"]["tokenizer"].get("path"):
+        out["data"]["tokenizer"]["path"] = paths.tokenizer
     out["eval"]["tasks"] = [dict(name=t, dir=paths.eval_dirs[t],
                                  classnames=os.path.join(paths.eval_dirs[t], "classnames.txt"),
                                  templates=os.path.join(paths.eval_dirs[t], "templates.txt")) for t in TASKS]

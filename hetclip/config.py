@@ -56,6 +56,8 @@ COMMON_OVERRIDES = (
     ("model.attention=auto|xla|cudnn", "attention kernel (cudnn: fused attention on NVIDIA GPUs)"),
     ("mesh.fsdp=8", "shard parameters and optimizer state over 8 devices (mesh.data=-1 takes the rest)"),
     ("model.het.mc_samples=S", "HET-XL MC samples (the :het recipes; num_factors, sample_chunk beside it)"),
+    ("init_from_hf=DIR", "start from a Hugging Face CLIP directory (init_from_hf_groups=image: LiT's image tower only)"),
+    ("freeze.image=True", "hold a parameter group fixed (image, text, head, temperature): no gradient, no update"),
     ("optim.lr=5e-4", "peak learning rate (optim.warmup_steps, optim.weight_decay, ...)"),
     ("eval.tasks.0.dir=/data/imagenet/val", "zero-shot evaluation data (eval.every_steps, eval.mc_samples)"),
     ("checkpoint.every_steps=N", "checkpoint interval (resuming: rerun the same command)"),
