@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import time
 
@@ -75,3 +77,43 @@ def machine() -> dict:
     from hetclip.xla import cpu_description
 
     return {"cpu": cpu_description(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of the evidence scripts: arms compared seed by seed
+
+
+def paired_interval(a, b, confidence: float = 0.95) -> dict:
+    """Paired t-interval of ``mean(b - a)`` over seeds: ``{"mean", "std", "lo", "hi", "n"}``
+    (``std`` of the differences; ``lo``/``hi`` NaN for fewer than two pairs)."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_interval needs two equal-length 1-D sequences, got {a.shape} and {b.shape}")
+    d = b - a
+    n = d.size
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "std": math.nan, "lo": math.nan, "hi": math.nan, "n": n}
+    from scipy import stats
+
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "std": sd, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+def verdict(iv: dict, higher_is_better: bool) -> str:
+    """Whether a paired interval shows the second arm better, worse, or neither."""
+    if not math.isfinite(iv["lo"]):
+        return "one seed: no interval"
+    if iv["lo"] > 0 or iv["hi"] < 0:
+        better = (iv["lo"] > 0) == higher_is_better
+        return "**better** (interval excludes 0)" if better else "**worse** (interval excludes 0)"
+    return "no difference shown (interval contains 0)"
+
+
+def mean_std(values) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
