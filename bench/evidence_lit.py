@@ -27,6 +27,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import json
 import math
@@ -42,7 +43,6 @@ from _common import REPO, machine, mean_std, paired_interval, require_matplotlib
 ARMS = {"DET": "demo", "HET-XL": "demo:het"}
 TASKS = ("shape", "color", "shape_color")
 METRICS = (("top1", True), ("nll", False), ("ece", False))  # (name, higher is better)
-PRIMARY = ("shape", "top1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def pretrain(args) -> tuple[str, dict]:
             pre.update(steps=s.get("step"), eval=_numbers(s.get("eval", {})))
         return export, pre
     work = os.path.join(args.root, "pretrain")
-    overrides = [f"--config.demo.dir={os.path.join(args.root, 'data_clean')}", *demo_overrides(args.demo),
+    overrides = [f"--config.demo.dir={os.path.join(args.root, 'data_clean')}", *demo_overrides(args.demo), *args.set,
                  f"--config.total_steps={args.pretrain_steps}", "--config.checkpoint.every_steps=0"]
     if args.pretrain_steps <= 50:  # shorter than the main job's warm-up (smoke tests)
         overrides.append(f"--config.optim.warmup_steps={args.pretrain_steps // 2}")
@@ -116,12 +116,31 @@ def demo_overrides(pairs: list[str]) -> list[str]:
     return [f"--config.demo.params.{p}" for p in pairs]
 
 
-def lit_overrides(args, export: str, data_dir: str, noise: float, seed: int) -> list[str]:
-    return [f"--config.init_from_hf={export}", "--config.init_from_hf_groups=image",
+def demo_params(pairs: list[str]) -> dict:
+    """``--demo KEY=VALUE`` pairs as demo generator parameters (Python literals, else strings)."""
+    out = {}
+    for pair in pairs:
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def run_dir(args, noise: float, arm: str, seed: int) -> str:
+    table = f"{args.noise_rule}_{noise:g}" + ("_unlocked" if args.image_tower == "unlocked" else "")
+    samples = f"_S{args.het_samples}" if arm == "HET-XL" and args.het_samples else ""
+    return os.path.join(args.root, table, f"{arm}{samples}_s{seed}")
+
+
+def lit_overrides(args, arm: str, export: str, data_dir: str, noise: float, seed: int) -> list[str]:
+    het = [f"--config.model.het.mc_samples={args.het_samples}"] if arm == "HET-XL" and args.het_samples else []
+    return [*het, f"--config.init_from_hf={export}", "--config.init_from_hf_groups=image",
             f"--config.freeze.image={args.image_tower == 'locked'}",
             f"--config.data.tokenizer.path={export}", f"--config.demo.dir={data_dir}",
             f"--config.demo.params.noise_rule={args.noise_rule}", f"--config.demo.params.noise_prob={noise}",
-            *demo_overrides(args.demo), f"--config.total_steps={args.steps}", f"--config.seed={seed}",
+            *demo_overrides(args.demo), *args.set, f"--config.total_steps={args.steps}", f"--config.seed={seed}",
             f"--config.optim.warmup_steps={args.warmup}", "--config.checkpoint.every_steps=0",
             "--config.export.format="]
 
@@ -246,14 +265,17 @@ def render(report: dict) -> str:
                  f"{pre['eval']['color']['top1']:.4f}" if pre.get("eval") else "")
               + (". Locked (`freeze.image`)." if a.get("image_tower", "locked") == "locked"
                  else ". **Unlocked**: trained with the rest at the same learning rate."),
-              f"- Trained: text tower from scratch, temperature, and for HET-XL a new head; {a['steps']} steps "
+              f"- Trained: text tower from scratch, temperature, and for HET-XL a new head ("
+              f"{report.get('het_config', {}).get('num_factors', '?')} factors, "
+              f"{report.get('het_config', {}).get('mc_samples', '?')} MC samples in training); {a['steps']} steps "
               f"(warm-up {a['warmup']}), batch 128, the demo recipe's optimiser. Seeds {a['seeds']}; within a "
               "seed both arms see the same batches and the same initial text tower.",
               f"- Caption noise rule `{a['noise_rule']}`, probability {', '.join(str(n) for n in report['runs'])} on "
               "the samples it selects (`hetclip.data.demo`); zero-shot on the clean held-out split ("
               + ", ".join(f"{TASK_NAMES[t]} {n} images" for t, n in _eval_sizes(report).items())
               + "), deterministic (mean embedding) and, for HET-XL, MC-averaged (16 samples).",
-              f"- Primary metric, named before the runs: {PRIMARY[0]} top-1, deterministic.", ""]
+              f"- Primary metric, named before the runs: {TASK_NAMES[primary(report)[0]]} {primary(report)[1]}, "
+              "deterministic.", ""]
     for noise in report["runs"]:
         corrupted = report["data"][noise]
         lines += [f"## Noise probability {noise} ({corrupted['num_corrupted']} of {corrupted['num_samples']} "
@@ -282,15 +304,21 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def primary(report: dict) -> tuple[str, str]:
+    task, metric = report["args"].get("primary", "shape:top1").split(":")
+    return task, metric
+
+
 def answer(report: dict, rows: list[dict]) -> str:
     """The primary comparison in words, computed from the rows."""
     out = []
+    prim_key = primary(report)
     for noise in report["runs"]:
-        prim = [r for r in rows if r["noise"] == noise and (r["task"], r["metric"]) == PRIMARY and not r["mc"]][0]
+        prim = [r for r in rows if r["noise"] == noise and (r["task"], r["metric"]) == prim_key and not r["mc"]][0]
         beyond = [f"{TASK_NAMES[r['task']]} {r['metric']}{' (MC)' if r['mc'] else ''}: "
                   f"{r['verdict'].split(' (')[0].strip('*')} {_fmt_iv(r['interval'])}"
                   for r in rows if r["noise"] == noise and "excludes" in r["verdict"]]
-        out.append(f"- Noise {noise}: primary ({PRIMARY[0]} top-1) HET-XL − DET = {_fmt_iv(prim['interval'])}: "
+        out.append(f"- Noise {noise}: primary ({TASK_NAMES[prim_key[0]]} {prim_key[1]}) HET-XL − DET = {_fmt_iv(prim['interval'])}: "
                    f"{prim['verdict']}. Beyond the interval: " + ("; ".join(beyond) if beyond else "nothing") + ".")
     return "\n".join(out)
 
@@ -321,8 +349,10 @@ def plot(report: dict, path: str) -> None:
         ax.set_xticks(range(len(tasks)), [TASK_NAMES[t] for t in tasks], fontsize=8)
         ax.set_title(f"HET-XL − DET, {metric} ({'higher' if metric == 'top1' else 'lower'} is better)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"LiT on the demo data, {report['args']['noise_rule']} caption noise: per-seed differences "
-                 "and paired 95 % intervals", fontsize=9)
+    tower = report["args"].get("image_tower", "locked")
+    fig.suptitle(f"Demo data, pretrained image tower {tower}{' (LiT)' if tower == 'locked' else ''}, "
+                 f"{report['args']['noise_rule']} caption noise: per-seed differences and paired 95 % intervals",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -347,14 +377,22 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrained", default="", help="an HF export of the clean image tower (default: train it)")
     ap.add_argument("--pretrain-steps", type=int, default=900, help="steps of the pretraining (the main job's)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed ... first-seed + seeds - 1")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--noise", type=_floats, default=[0.0, 0.4], help="comma list of caption noise probabilities")
     ap.add_argument("--noise-rule", default="color_partner", choices=["color_partner", "hard"])
     ap.add_argument("--image-tower", default="locked", choices=["locked", "unlocked"],
                     help="locked: LiT; unlocked: the pretrained image tower is trained too (it can fit the noise)")
+    ap.add_argument("--primary", default="shape:top1", choices=[f"{t}:{m}" for t in TASK_NAMES for m, _ in METRICS],
+                    help="the primary comparison, named before the runs (TASK:METRIC)")
+    ap.add_argument("--het-samples", type=int, default=0,
+                    help="HET-XL's MC samples in training (default: the demo:het recipe's)")
     ap.add_argument("--demo", action="append", default=[], metavar="KEY=VALUE",
                     help="a demo data parameter for every data set (e.g. num_train=4000); repeatable")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=lambda kv: f"--config.{kv}",
+                    help="a training config override for the pretraining and every run (e.g. optim.lr=1e-3); "
+                         "repeatable")
     ap.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     ap.add_argument("--root", default=os.path.join(REPO, "runs", "evidence_lit"), help="data and run directories")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "RESULTS_lit.md"))
@@ -372,9 +410,10 @@ def main(argv=None) -> int:
         return 0
     if args.seeds < 1 or args.steps <= args.warmup or not args.noise:
         ap.error("need --seeds >= 1, --steps > --warmup and at least one --noise level")
-    for pair in args.demo:
-        if "=" not in pair:
-            ap.error(f"--demo {pair!r}: expected KEY=VALUE")
+    for flag, pairs in (("--demo", args.demo), ("--set", [kv[len("--config."):] for kv in args.set])):
+        for pair in pairs:
+            if "=" not in pair:
+                ap.error(f"{flag} {pair!r}: expected KEY=VALUE")
     args.root = os.path.abspath(args.root)
     os.makedirs(args.root, exist_ok=True)
     start, load_start = time.perf_counter(), machine()
@@ -389,18 +428,15 @@ def main(argv=None) -> int:
     jobs = []
     for noise in args.noise:
         data_dir = os.path.join(args.root, f"data_{args.noise_rule}_{noise:g}")
-        params = {**demo.DEFAULTS, **dict(kv.split("=", 1) for kv in args.demo)}
-        params = {k: (type(demo.DEFAULTS[k])(v) if isinstance(v, str) and not isinstance(demo.DEFAULTS[k], str)
-                      else v) for k, v in params.items()}
-        paths = demo.ensure_demo(data_dir, workers=2, **{**params, "noise_rule": args.noise_rule, "noise_prob": noise})
+        paths = demo.ensure_demo(data_dir, workers=2, **demo_params(args.demo), noise_rule=args.noise_rule,
+                                 noise_prob=noise)
         train_info = demo.read_manifest(paths.root)["train"]
         report["data"][f"{noise:g}"] = {k: train_info[k] for k in ("num_samples", "num_corrupted")}
         views = split_views(paths.root, args.noise_rule, os.path.join(args.root, "views"))
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for arm, recipe in ARMS.items():
-                work = os.path.join(args.root, f"{args.noise_rule}_{noise:g}" + ("_unlocked" if args.image_tower ==
-                                    "unlocked" else ""), f"{arm}_s{seed}")
-                cmd = _train_cmd(recipe, work, lit_overrides(args, export, paths.root, noise, seed))
+                work = run_dir(args, noise, arm, seed)
+                cmd = _train_cmd(recipe, work, lit_overrides(args, arm, export, paths.root, noise, seed))
                 jobs.append((f"{noise:g}", arm, seed, cmd, work, views))
 
     for job in jobs:  # refuse a directory in the way before any run starts
@@ -423,6 +459,9 @@ def main(argv=None) -> int:
             last = [m for m in map(json.loads, filter(str.strip, f)) if "loss" in m][-1]  # last training window
         report["runs"].setdefault(noise, {}).setdefault(arm, []).append(
             {"seed": seed, "eval": ev, "seconds": got["seconds"], "final_train": last})
+    het_run = [job[4] for job in jobs if job[1] == "HET-XL"][0]
+    with open(os.path.join(het_run, "config.json")) as f:
+        report["het_config"] = json.load(f)["model"]["het"]
     report["seconds"] = time.perf_counter() - start
     report["load_end"] = machine()["loadavg"]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

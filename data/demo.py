@@ -49,8 +49,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "NOISE_RULES", "PARTNER_COLORS", "PARTNER_SHAPES", "DemoPaths", "heldout_pairs", "render_scene",
-           "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
+__all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "NOISE_RULES", "PARTNER_COLORS", "PARTNER_SHAPES",
+           "DemoPaths", "heldout_pairs", "render_scene", "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
 
 FORMAT_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
@@ -91,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "max_offset": 0.05,      # a single object's centre: at most this fraction of the image from the centre
     "shape_only_prob": 0.3,  # probability that a caption names the shape but not the colour
     "color_only_prob": 0.05, # ... the colour but not the shape
-    "noise_rule": "hard",    # which samples get caption noise, and which: one of NOISE_RULES
+    "noise_rule": "hard",    # which samples get caption noise and of what kind: one of NOISE_RULES
     "noise_prob": 0.0,       # caption corruption probability for the samples the rule selects
     "noise_prob_easy": 0.0,  # ... and for the others
     "contrast_threshold": 0.2,
