@@ -161,11 +161,6 @@ def split_views(data_dir: str, rule: str, out_root: str) -> dict[str, str]:
     with open(os.path.join(src, "meta.jsonl")) as f:
         metas = [json.loads(line) for line in f if line.strip()]
 
-    def selected(m):
-        if rule == "color_partner":
-            return m["color"] in demo.PARTNER_COLORS
-        return m["hard_shape"] or m["hard_color"]
-
     views = {}
     for name, keep in (("noisy_half", True), ("clean_half", False)):
         root = os.path.join(out_root, f"{rule}_{name}")
@@ -175,7 +170,7 @@ def split_views(data_dir: str, rule: str, out_root: str) -> dict[str, str]:
                 if os.path.isdir(os.path.join(src, cls)):
                     os.makedirs(os.path.join(tmp, cls))
             for m in metas:
-                if selected(m) == keep:
+                if demo.noise_selected(rule, m["color"], m["hard_shape"], m["hard_color"]) == keep:
                     dst = os.path.join(tmp, m["path"])
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     os.symlink(os.path.join(src, m["path"]), dst)

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "NOISE_RULES", "PARTNER_COLORS", "PARTNER_SHAPES",
-           "DemoPaths", "heldout_pairs", "render_scene", "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
+           "noise_selected", "DemoPaths", "heldout_pairs", "render_scene", "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
 
 FORMAT_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
@@ -333,7 +333,7 @@ def _train_sample(p: dict, index: int, heldout: set) -> tuple[np.ndarray, dict]:
     hard_shape = a["size"] == "small"
     hard_color = a["contrast"] < p["contrast_threshold"]
     hard = hard_shape or hard_color
-    selected = hard if p["noise_rule"] == "hard" else color in PARTNER_COLORS
+    selected = noise_selected(p["noise_rule"], color, hard_shape, hard_color)
     prob = p["noise_prob"] if selected else p["noise_prob_easy"]
     cap_shape, cap_color, corrupted = shape, color, None
     if rng.random() < prob:
@@ -348,6 +348,12 @@ def _train_sample(p: dict, index: int, heldout: set) -> tuple[np.ndarray, dict]:
             "corrupted": corrupted is not None, "corrupted_attribute": corrupted,
             "caption_shape": cap_shape, "caption_color": cap_color, "caption": caption}
     return img, meta
+
+
+def noise_selected(rule: str, color: str, hard_shape: bool, hard_color: bool) -> bool:
+    """Whether ``rule`` puts caption noise on a sample of this colour and visibility (``noise_prob`` applies;
+    otherwise ``noise_prob_easy``)."""
+    return color in PARTNER_COLORS if rule == "color_partner" else (hard_shape or hard_color)
 
 
 def _random_wrong_word(rng: np.random.Generator, shape: str, color: str, hard_shape: bool, hard_color: bool,

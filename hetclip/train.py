@@ -138,15 +138,21 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
     """``step(state, batch, key) -> (state, metrics)``; ``state = {"params", "opt_state", "step"}``.
     ``frozen``: parameter groups (``optim.GROUPS``) that get no gradient (``optim.stop_frozen``)."""
     model = DualEncoder(model_cfg)
-    loss_fn = make_loss(model_cfg, mesh)
+    full_loss = make_loss(model_cfg, mesh)
     n_shards = mesh.devices.size
+
+    def encode(p, batch):  # every gradient path goes through these two, so frozen groups get none
+        return embed(model, stop_frozen(p, frozen), batch)
+
+    def loss_fn(p, emb, key):
+        return full_loss(stop_frozen(p, frozen), emb, key)
+
     batch_sharding = NamedSharding(mesh, P(dist.BATCH_AXES))
     micro_sharding = NamedSharding(mesh, P(None, dist.BATCH_AXES))
 
     def grads_single(params, batch, key):
         def total(p):
-            p = stop_frozen(p, frozen)
-            return loss_fn(p, embed(model, p, batch), key)
+            return loss_fn(p, encode(p, batch), key)
 
         (value, aux), grads = jax.value_and_grad(total, has_aux=True)(params)
         return value, aux, grads
@@ -160,15 +166,14 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
         emb = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(_micro_merge(y, n_shards), batch_sharding),
                            emb_micro)
         # The loss over the whole batch, its gradient wrt the embeddings and the head's shared params.
-        (value, aux), (g_params, g_emb) = jax.value_and_grad(
-            lambda p, e: loss_fn(stop_frozen(p, frozen), e, key), argnums=(0, 1), has_aux=True)(params, emb)
+        (value, aux), (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, emb, key)
         g_emb_micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             _micro_split(x, accum_steps, n_shards), micro_sharding), g_emb)
 
         # Pass 2: re-encode each micro-batch and back-propagate its slice of the embedding gradient.
         def body(acc, inputs):
             mb, g = inputs
-            _, vjp = jax.vjp(lambda p: embed(model, stop_frozen(p, frozen), mb), params)
+            _, vjp = jax.vjp(lambda p: encode(p, mb), params)
             (gp,) = vjp(g)
             return jax.tree.map(jnp.add, acc, gp), None
 
