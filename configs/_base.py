@@ -41,7 +41,9 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
     # Optimizer (HET-XL paper / big_vision defaults for contrastive pretraining).
     c.optim = dict(lr=5e-4, warmup_init_lr=1e-5, warmup_steps=10_000, schedule="cosine", end_lr=0.0,
                    rsqrt_timescale=10_000, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=1.0,
-                   lr_mults=dict(image=1.0, text=1.0, head=1.0, temperature=1.0))
+                   lr_mults=dict(image=1.0, text=1.0, head=1.0, temperature=1.0),
+                   # weight_decay x this per group (only matrices are decayed)
+                   wd_mults=dict(image=1.0, text=1.0, head=1.0, temperature=1.0))
     # freeze.temperature keeps τ at its initial value (the "fixed temperature" baseline).
     c.freeze = dict(image=False, text=False, head=False, temperature=False)
 

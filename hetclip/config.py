@@ -131,9 +131,12 @@ RENAMED_KEYS = {
 }
 
 
-# Run-config keys added after runs were stored, with the value that reproduces those runs.
+# Run-config keys added after runs were stored, with the value that reproduces those runs (a nested key
+# is added where its parent group exists).
 ADDED_KEYS = {
     "init_from_hf_groups": ["image", "text", "head", "temperature"],
+    "optim.wd_mults": {"image": 1.0, "text": 1.0, "head": 1.0, "temperature": 1.0},
+    "model.het.noise_space": "embedding",
 }
 
 
@@ -163,12 +166,18 @@ def upgrade_stored(stored: dict, prefix: str = "") -> dict:
 
     ``prefix`` says which part of the run config ``stored`` is: ``""`` a whole run config
     (``WORKDIR/config.json``, a checkpoint's ``meta["config"]``), ``"model."`` a model config,
-    ``"model.het."`` the HET-XL head's settings. A present key wins over its old name. A whole run config
-    also gets the keys added since (``ADDED_KEYS``) with the value its run had."""
+    ``"model.het."`` the HET-XL head's settings. A present key wins over its old name. Keys added since
+    (``ADDED_KEYS``) get the value the stored run had."""
     out = copy.deepcopy(dict(stored))
-    if not prefix:
-        for key, value in ADDED_KEYS.items():
-            out.setdefault(key, copy.deepcopy(value))
+    for key, value in ADDED_KEYS.items():
+        if not key.startswith(prefix):
+            continue
+        *parents, last = key[len(prefix):].split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(last, copy.deepcopy(value))
     for old, new in RENAMED_KEYS.items():
         if not (old.startswith(prefix) and new.startswith(prefix)):
             continue

@@ -253,6 +253,10 @@ def _hf_readme(model_cfg, notes: list[str], het: bool, settings: Mapping[str, An
         else:
             lines += [f"V = (h @ w['low_rank.weight'].T + w['low_rank.bias']).reshape(len(h), "
                       f"{model_cfg.embed_dim}, {model_cfg.het.num_factors})"]
+        if model_cfg.het.noise_space == "sphere":
+            lines += ["# noise_space 'sphere': the noise is added to the unit mean, at 1/sqrt(embed_dim) scale",
+                      "mean = mean / mean.norm(dim=-1, keepdim=True)",
+                      f"d, V = d * {model_cfg.embed_dim ** -0.5:.6g}, V * {model_cfg.embed_dim ** -0.5:.6g}"]
         lines += [
             "e, e2 = torch.randn(len(h), V.shape[-1]), torch.randn_like(mean)",
             "z = mean + (V @ e[..., None])[..., 0] + d * e2   # one sample; normalise it like any embedding",

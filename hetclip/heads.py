@@ -26,6 +26,9 @@ import jax.numpy as jnp
 from hetclip.towers import Dense
 
 DIAG_FLOOR = 1e-3
+# Where the contrastive head adds its noise: to the projection's output μ before the normalisation
+# ("embedding"), or to the unit vector μ/‖μ‖ ("sphere"; see HetXLEmbeddingHead).
+NOISE_SPACES = ("embedding", "sphere")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,7 @@ class HetConfig:
     sample_chunk: int = 4
     class_chunk: Optional[int] = None
     init_scale: float = 0.1
+    noise_space: str = "embedding"
 
     def __post_init__(self):
         if self.num_factors < 1:
@@ -54,6 +58,8 @@ class HetConfig:
             raise ValueError(f"HetConfig: class_chunk={self.class_chunk} must be >= 1 or None")
         if not self.init_scale > 0:
             raise ValueError(f"HetConfig: init_scale={self.init_scale} must be > 0")
+        if self.noise_space not in NOISE_SPACES:
+            raise ValueError(f"HetConfig: noise_space={self.noise_space!r} is not one of {NOISE_SPACES}")
 
 
 def inverse_softplus(y: float) -> float:
@@ -92,7 +98,12 @@ def low_rank_noise(module: nn.Module, h, dim: int, num_factors: int, param_effic
 class HetXLEmbeddingHead(nn.Module):
     """Contrastive HET-XL head: Gaussian noise over the ``embed_dim`` image embedding, predicted from
     the pooled image features ``h [B, W_v]``. Returns the ``hetclip.noise`` dict
-    (parameters ``het_head/{diag,low_rank}/{kernel,bias}`` and ``het_head/C`` in the PE form)."""
+    (parameters ``het_head/{diag,low_rank}/{kernel,bias}`` and ``het_head/C`` in the PE form).
+
+    With ``noise_space="sphere"`` the noise is added to the unit mean ``μ/‖μ‖`` (``DualEncoder.project_image``
+    returns that as the mean), so its size is an angle that ``‖μ‖`` cannot shrink; the head's outputs ``d`` and
+    ``v`` (``V``) are multiplied by ``embed_dim^-0.5``, which keeps the initial angular noise ≈ ``init_scale``
+    as in the default ``"embedding"`` space (where ``‖μ‖ ≈ √D`` at initialisation)."""
     embed_dim: int
     config: HetConfig
     dtype: Any = jnp.float32
@@ -100,8 +111,11 @@ class HetXLEmbeddingHead(nn.Module):
     @nn.compact
     def __call__(self, h):
         c = self.config
-        return low_rank_noise(self, h, self.embed_dim, c.num_factors, c.param_efficient, c.init_scale,
-                              self.dtype)
+        noise = low_rank_noise(self, h, self.embed_dim, c.num_factors, c.param_efficient, c.init_scale, self.dtype)
+        if c.noise_space == "sphere":
+            unit = self.embed_dim ** -0.5
+            noise = {k: (v if k == "C" else v * unit) for k, v in noise.items()}
+        return noise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -293,14 +293,19 @@ def het_head_description(model_cfg) -> dict:
         "mc_samples": het.mc_samples,
         "diag_floor": 1e-3,
         "weight_layout": "PyTorch Linear: weight [out, in], y = h @ weight.T + bias",
+        "noise_space": het.noise_space,
         "formulas": {
             "d": "softplus(diag(h)) + diag_floor   # [B, D]",
             "low_rank": ("v = low_rank(h) [B, D]; V = v[:, :, None] * C[None]   # [B, D, R]"
                          if het.param_efficient else "V = low_rank(h).reshape(B, D, R)"),
             "sample": "z_s = mean + V @ e_s + d * e'_s, e_s ~ N(0, I_R), e'_s ~ N(0, I_D); z_s /= |z_s|",
         },
-        "het_config": {k: getattr(het, k) for k in ("num_factors", "mc_samples", "param_efficient", "init_scale")},
+        "het_config": {k: getattr(het, k) for k in ("num_factors", "mc_samples", "param_efficient", "init_scale",
+                                                    "noise_space")},
     }
+    if het.noise_space == "sphere":
+        desc["formulas"]["sphere"] = ("before sampling: mean = mean / |mean|; d and V multiplied by "
+                                      f"embed_dim ** -0.5 = {model_cfg.embed_dim ** -0.5:.6g}")
     return desc
 
 

@@ -276,10 +276,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: O
     n_global = b_local * _axis_size(axis_name)
     loss, aux = _finish(s_i2t, s_t2i, noise_lib.l2_normalize(mean32), t_loc_n, n_global, scale,
                         class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype)
-    stats = noise_lib.noise_scale_stats(jax.lax.stop_gradient(noise32))
-    if axis_name is not None:
-        stats = jax.lax.pmean(stats, axis_name)
-    aux.update(stats)
+    aux.update(noise_lib.size_stats(jax.lax.stop_gradient(mean32), jax.lax.stop_gradient(noise32), axis_name))
     return loss, aux
 
 
@@ -354,7 +351,7 @@ def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int) -> tuple[
     acc_i2t, acc_t2i = _naive_acc(noise_lib.l2_normalize(mean) @ t.T)
     aux = {"loss_i2t": i2t, "loss_t2i": t2i, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i,
            "logit_scale": jnp.asarray(scale, jnp.float32)}
-    aux.update(noise_lib.noise_scale_stats(noise))
+    aux.update(noise_lib.size_stats(mean, noise))
     return (i2t + t2i) / 2, aux
 
 

@@ -167,14 +167,24 @@ class DualEncoder(nn.Module):
             self._logit_bias = self.param("logit_bias", nn.initializers.constant(SIGLIP_BIAS_INIT), (), jnp.float32)
 
     def encode_image(self, images, *, train: bool = False):
-        """``{"features": h [B, W_v], "mean": μ [B, D] (unnormalised), "noise": None | noise dict}``.
+        """``{"features": h [B, W_v], "mean": μ [B, D], "noise": None | noise dict}`` (``project_image`` of the
+        image tower's pooled features).
 
         ``train`` is accepted for API symmetry; the towers have no dropout and the noise parameters
         are always returned (evaluation simply uses ``mean``)."""
         del train
-        h = self.vision_model(images)
+        return self.project_image(self.vision_model(images))
+
+    def project_image(self, h):
+        """The image side after the tower, from pooled features ``h [B, W_v]``: the mean embedding ``μ``
+        (unnormalised; unit-norm when the HET-XL head's ``noise_space`` is ``"sphere"``, where the noise is
+        added to the unit mean) and the head's noise (or None)."""
         mean = self.visual_projection(h)
-        noise = self.het_head(h) if self.config.het.enabled else None
+        noise = None
+        if self.config.het.enabled:
+            noise = self.het_head(h)
+            if self.config.het.noise_space == "sphere":
+                mean = noise_lib.l2_normalize(mean).astype(mean.dtype)
         return {"features": h, "mean": mean, "noise": noise}
 
     def encode_text(self, tokens):

@@ -47,10 +47,7 @@ def perturbation(noise, e_low, e_diag):
 
 def covariance(noise):
     """Analytic covariance ``V Vᵀ + diag(d²)``, ``[B, D, D]`` (tests and diagnostics only)."""
-    if "V" in noise:
-        v_mat = noise["V"]
-    else:
-        v_mat = noise["v"][:, :, None] * noise["C"][None]
+    v_mat = noise["V"] if "V" in noise else noise["v"][:, :, None] * noise["C"][None]
     return jnp.einsum("bdr,ber->bde", v_mat, v_mat) + jax.vmap(jnp.diag)(noise["d"] ** 2)
 
 
@@ -73,12 +70,51 @@ def sample_embeddings(mean, noise, key, mc_samples: int, example_ids=None):
     return jnp.swapaxes(samples, 0, 1)
 
 
-def noise_scale_stats(noise):
-    """Scalars for logging: mean diagonal std, mean low-rank norm per dimension."""
+def _low_rank_parts(noise, unit):
+    """``(Σ_r V[:, d, r]² [B, D], ‖Vᵀ u‖² [B])`` for unit vectors ``u [B, D]``, without forming ``V`` in the
+    parameter-efficient form (``V = diag(v) C``)."""
     if "V" in noise:
-        low_sq = jnp.sum(noise["V"] ** 2, axis=-1)
-    else:
-        low_sq = noise["v"] ** 2 * jnp.sum(noise["C"] ** 2, axis=-1)[None]
-    return {"het/diag_std": jnp.mean(noise["d"]),
-            "het/lowrank_std": jnp.mean(jnp.sqrt(low_sq)),
-            "het/total_std": jnp.mean(jnp.sqrt(low_sq + noise["d"] ** 2))}
+        return jnp.sum(noise["V"] ** 2, axis=-1), jnp.sum(jnp.einsum("bdr,bd->br", noise["V"], unit) ** 2, axis=-1)
+    c = noise["C"]
+    return noise["v"] ** 2 * jnp.sum(c ** 2, axis=-1)[None], jnp.sum(((noise["v"] * unit) @ c) ** 2, axis=-1)
+
+
+def per_example_sizes(mean, noise):
+    """How large each example's noise is, ``[B]`` each:
+
+    * ``std``: the per-coordinate noise std ``sqrt(tr Σ / D)``;
+    * ``mean_norm``: ``‖μ‖``;
+    * ``angular``: ``sqrt(tr Σ − μ̂ᵀ Σ μ̂) / ‖μ‖``, the size of the noise across the mean direction relative to
+      the mean (for small noise, the RMS angle in radians between ``μ`` and a normalised noisy sample). Noise
+      along ``μ`` only changes the length, which the normalisation removes, so this is the noise that can
+      change a prediction;
+    * ``lowrank_std``, ``diag_std``: the two parts of ``std`` (``V Vᵀ`` and ``diag(d²)``).
+    """
+    mean = mean.astype(jnp.float32)
+    unit = l2_normalize(mean)
+    low_sq, low_along = _low_rank_parts(noise, unit)
+    d2 = noise["d"] ** 2
+    trace = jnp.sum(low_sq, axis=-1) + jnp.sum(d2, axis=-1)
+    along = low_along + jnp.sum(d2 * unit ** 2, axis=-1)
+    norm = jnp.sqrt(jnp.sum(mean * mean, axis=-1))
+    dim = mean.shape[-1]
+    return {"std": jnp.sqrt(trace / dim), "mean_norm": norm,
+            "angular": jnp.sqrt(jnp.maximum(trace - along, 0.0)) / jnp.maximum(norm, 1e-12),
+            "lowrank_std": jnp.sqrt(jnp.sum(low_sq, axis=-1) / dim), "diag_std": jnp.sqrt(jnp.sum(d2, axis=-1) / dim)}
+
+
+def size_stats(mean, noise, axis_name=None):
+    """Scalars for logging (means over the batch; under ``axis_name`` over every device's examples):
+    ``het/noise_std`` (per-coordinate std), ``het/mean_norm`` (``‖μ‖``), ``het/angular`` (noise across the
+    mean direction relative to ``‖μ‖``: what survives the normalisation), ``het/angular_spread`` (its standard
+    deviation across images: 0 means the noise does not depend on the input), and the two parts of the
+    per-coordinate std, ``het/diag_std`` (``d``) and ``het/lowrank_std`` (``V``)."""
+    sizes = per_example_sizes(mean, noise)
+    moments = {f"het/{k}": sizes[k] for k in ("angular", "mean_norm", "diag_std", "lowrank_std")}
+    moments.update({"het/noise_std": sizes["std"], "_angular_sq": sizes["angular"] ** 2})
+    out = {k: jnp.mean(v) for k, v in moments.items()}
+    if axis_name is not None:
+        out = jax.lax.pmean(out, axis_name)
+    second = out.pop("_angular_sq")
+    out["het/angular_spread"] = jnp.sqrt(jnp.maximum(second - out["het/angular"] ** 2, 0.0))
+    return out

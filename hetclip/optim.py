@@ -1,5 +1,5 @@
 """The optimizer of a run: AdamW with gradient clipping, a weight-decay mask (matrices only), per-group
-learning-rate multipliers and frozen groups (``image``, ``text``, ``head``, ``temperature``), on a linear
+learning-rate and weight-decay multipliers and frozen groups (``image``, ``text``, ``head``, ``temperature``), on a linear
 warm-up followed by cosine, rsqrt or constant decay. Configured by the run config's ``optim`` and
 ``freeze`` sections (``hetclip.configs._base``)."""
 from __future__ import annotations
@@ -84,10 +84,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params, total_steps: int):
     # Decay matrices only: not biases, LayerNorm, the class token, the temperature or SigLIP bias.
     decay_mask = jax.tree.map(lambda x: np.ndim(x) >= 2, params)
     transforms = {"frozen": optax.set_to_zero()}
+    wd_mults = dict(o.get("wd_mults") or {})
     for g in GROUPS:
         mult = float(o.lr_mults.get(g, 1.0))
         transforms[g] = optax.adamw(lambda s, m=mult: schedule(s) * m, b1=o.b1, b2=o.b2, eps=o.eps,
-                                    weight_decay=o.weight_decay, mask=decay_mask)
+                                    weight_decay=o.weight_decay * float(wd_mults.get(g, 1.0)), mask=decay_mask)
     chain = []
     if o.grad_clip and o.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(o.grad_clip))

@@ -82,8 +82,13 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer=None) -> ModelConfig:
 
 def embed(model: DualEncoder, params, batch):
     """Per-example outputs of both towers: ``{"mean", "txt"}`` and, with the HET-XL head, ``"noise"`` (its
-    per-example part ``d``, ``v`` or ``V``; the shared ``C`` is a parameter the loss reads itself)."""
-    img = model.apply({"params": params}, batch["image"], train=True, method=DualEncoder.encode_image)
+    per-example part ``d``, ``v`` or ``V``; the shared ``C`` is a parameter the loss reads itself).
+    A batch with ``"features"`` (the image tower's pooled output, computed once for a locked tower)
+    instead of ``"image"`` starts after the tower."""
+    if "features" in batch:
+        img = model.apply({"params": params}, batch["features"], method=DualEncoder.project_image)
+    else:
+        img = model.apply({"params": params}, batch["image"], train=True, method=DualEncoder.encode_image)
     txt = model.apply({"params": params}, batch["text"], method=DualEncoder.encode_text)
     out = {"mean": img["mean"].astype(jnp.float32), "txt": txt.astype(jnp.float32)}
     if img["noise"] is not None:
@@ -183,7 +188,8 @@ def make_train_step(model_cfg: ModelConfig, optimizer, mesh, accum_steps: int = 
     compute = grads_single if accum_steps == 1 else grads_accumulated
 
     def step(state, batch, key):
-        batch = dict(batch, image=normalize_images(batch["image"]))
+        if "image" in batch:
+            batch = dict(batch, image=normalize_images(batch["image"]))
         value, aux, grads = compute(state["params"], batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -530,6 +536,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                                     "samples_per_sec": window["n"] * cfg.batch_size / max(dt, 1e-9),
                                     "data_wait_frac": window["wait"] / max(dt, 1e-9)})
                     writer.write(step, scalars)
+                    summary["last_metrics"] = dict(scalars, step=step)
                     eta = (end_step - step) * dt / max(window["n"], 1)
                     bar.update(step, {"loss": scalars["loss"], "T": scalars["temperature"],
                                       "sps": scalars["samples_per_sec"], "wait": scalars["data_wait_frac"],
@@ -707,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary_text(summary: dict) -> str:
     lines = [f"trained {summary['workdir']}: step {summary['step']} of {summary['total_steps']}"]
+    last = summary.get("last_metrics") or {}
+    if "het/angular" in last:
+        lines.append(f"  HET-XL head at step {last['step']}: angular noise {last['het/angular']:.4f} rad "
+                     f"(spread across images {last['het/angular_spread']:.4f}), per-coordinate std "
+                     f"{last['het/noise_std']:.4f}, |mean| {last['het/mean_norm']:.2f}, temperature "
+                     f"{last['temperature']:.4f}")
     for name, res in (summary.get("eval") or {}).items():
         lines.append(f"  zero-shot {name}: top1 {_get(res, 'top1'):.4f}  top5 {_get(res, 'top5'):.4f}")
     if summary.get("export"):

@@ -77,11 +77,84 @@ def test_initial_noise_is_modest(pe):
     head = H.HetXLEmbeddingHead(32, cfg)
     h = jax.random.normal(jax.random.key(0), (64, 48))  # LayerNorm-like pooled features
     noise = jax.jit(head.apply)(head.init(jax.random.key(1), h), h)
-    stats = noise_lib.noise_scale_stats(noise)
-    assert 0.075 < float(stats["het/total_std"]) < 0.13
+    mean = jax.random.normal(jax.random.key(2), (64, 32))  # the projection's output: std ≈ 1 per coordinate
+    stats = noise_lib.size_stats(mean, noise)
+    assert 0.075 < float(stats["het/noise_std"]) < 0.13
     assert 0.05 < float(stats["het/diag_std"]) < 0.09
     assert 0.04 < float(stats["het/lowrank_std"]) < 0.1
+    assert 0.07 < float(stats["het/angular"]) < 0.13  # ≈ init_scale radians
     assert float(jnp.std(noise["d"])) > 0  # input dependent from the start
+    assert float(stats["het/angular_spread"]) > 0
+
+
+@pytest.mark.parametrize("pe", [True, False])
+def test_noise_sizes_against_the_covariance_and_sampled_angles(pe):
+    head, variables, h = _head(pe, dim=6, feat=5, r=2, init_scale=0.5)
+    noise = jax.jit(head.apply)(variables, h)
+    mean = jnp.asarray([[3.0, -1.0, 0.5, 2.0, 0.0, 1.0], [0.2, 0.1, -0.3, 0.4, 0.0, -0.2]])
+    sizes = jax.tree.map(np.asarray, noise_lib.per_example_sizes(mean, noise))
+    cov = np.asarray(noise_lib.covariance(noise), np.float64)
+    m = np.asarray(mean, np.float64)
+    for b in range(2):
+        u = m[b] / np.linalg.norm(m[b])
+        tr = np.trace(cov[b])
+        np.testing.assert_allclose(sizes["std"][b], math.sqrt(tr / 6), rtol=1e-5)
+        np.testing.assert_allclose(sizes["mean_norm"][b], np.linalg.norm(m[b]), rtol=1e-6)
+        np.testing.assert_allclose(sizes["angular"][b], math.sqrt(tr - u @ cov[b] @ u) / np.linalg.norm(m[b]),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(sizes["diag_std"][b] ** 2 + sizes["lowrank_std"][b] ** 2, tr / 6, rtol=1e-5)
+    # The first mean is long next to its noise: the angle between it and normalised noisy samples is the
+    # "angular" size (small-noise limit); the second is short, so its noisy samples point anywhere.
+    samples = np.asarray(noise_lib.sample_embeddings(mean * 10, jax.tree.map(lambda x: x, noise), jax.random.key(3),
+                                                     4000), np.float64)
+    u0 = m[0] / np.linalg.norm(m[0])
+    angles = np.arccos(np.clip(samples[0] @ u0, -1, 1))
+    small = noise_lib.per_example_sizes(mean * 10, noise)["angular"][0]
+    np.testing.assert_allclose(np.sqrt(np.mean(angles ** 2)), small, rtol=0.05)
+    assert sizes["angular"][1] > 1.0
+
+
+def test_size_stats_spread_is_zero_for_input_independent_noise_and_matches_across_devices():
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    d = jnp.full((8, 4), 0.3)
+    noise = {"d": d, "v": jnp.ones((8, 4)), "C": jnp.full((4, 2), 0.1)}
+    mean = jnp.tile(jnp.asarray([[1.0, 2.0, 0.0, -1.0]]), (8, 1))
+    stats = noise_lib.size_stats(mean, noise)
+    assert float(stats["het/angular_spread"]) == pytest.approx(0.0, abs=1e-6)
+    varied = dict(noise, d=d * jnp.arange(1, 9)[:, None])
+    single = noise_lib.size_stats(mean, varied)
+    assert float(single["het/angular_spread"]) > 0.1
+    n = min(len(jax.devices()), 8)
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    spec = {"d": P("data"), "v": P("data"), "C": P()}
+    sharded = jax.shard_map(lambda m, z: noise_lib.size_stats(m, z, "data"), mesh=mesh, in_specs=(P("data"), spec),
+                        out_specs=P())(mean, varied)
+    for k in single:
+        np.testing.assert_allclose(float(sharded[k]), float(single[k]), rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("pe", [True, False])
+def test_sphere_noise_space_puts_the_noise_on_the_unit_mean(pe):
+    from hetclip.model import DualEncoder, init_params, preset
+
+    cfgs = {space: preset("tiny", embed_dim=16, vision=dict(width=32, layers=1, heads=2, patch_size=16),
+                          text=dict(width=32, layers=1, heads=2, vocab_size=50, eos_token_id=49, context_length=8),
+                          het=dict(enabled=True, num_factors=3, param_efficient=pe, noise_space=space))
+            for space in ("embedding", "sphere")}
+    params = init_params(cfgs["embedding"], jax.random.key(0))  # same parameter tree for both spaces
+    images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    out = {space: DualEncoder(c).apply({"params": params}, images, method=DualEncoder.encode_image)
+           for space, c in cfgs.items()}
+    emb, sph = out["embedding"], out["sphere"]
+    np.testing.assert_allclose(np.linalg.norm(sph["mean"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(sph["mean"], noise_lib.l2_normalize(emb["mean"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(noise_lib.covariance(sph["noise"]), noise_lib.covariance(emb["noise"]) / 16,
+                               rtol=1e-4, atol=1e-8)
+    # At initialisation the angular noise is ≈ init_scale in both spaces.
+    for o in (emb, sph):
+        angular = float(noise_lib.size_stats(o["mean"], o["noise"])["het/angular"])
+        assert 0.05 < angular < 0.2, angular
 
 
 def test_het_config_errors():
@@ -91,6 +164,8 @@ def test_het_config_errors():
         H.HetConfig(num_factors=0)
     with pytest.raises(ValueError, match="init_scale=0"):
         H.HetConfig(init_scale=0)
+    with pytest.raises(ValueError, match="noise_space='ball' is not one of"):
+        H.HetConfig(noise_space="ball")
 
 
 # ---------- temperature ----------
