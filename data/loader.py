@@ -326,9 +326,9 @@ class Closing:
 
 
 class Loader(Closing):
-    """Evaluation batches in item order: ``{"image": uint8 [b, S, S, 3], "label": int32 [b]}`` (or, when
-    the targets are not integers, e.g. retrieval captions, ``"label"`` is a list). The last batch may be
-    smaller. ``stats()`` and ``close()`` (also a context manager). Built by ``make_eval_loader``.
+    """Evaluation batches in item order: ``{"image": uint8 [b, S, S, 3], "label": int32 [b], "name": [b]}``
+    (``"label"`` is a list when the targets are not integers, e.g. retrieval captions; ``"name"`` holds
+    ``item_name`` of each image). The last batch may be smaller. ``stats()`` and ``close()`` (also a context manager). Built by ``make_eval_loader``.
     """
 
     def __init__(self, *, items: Iterator, cfg: dict, batch_size: int, num_workers: int,
@@ -410,7 +410,7 @@ class Loader(Closing):
             else:
                 r = next(res)
                 if r[0] == "ok":
-                    entry = ("ok", r[1], r[2])
+                    entry = ("ok", r[1], r[2], item_name(m[2], m[1]))
                     self._pending_ok += 1
                 else:
                     entry = ("bad", r[1], m[2], m[1], r[2])
@@ -433,7 +433,7 @@ class Loader(Closing):
             self._check_bad(final=True)
             self.close()
             raise StopIteration
-        images, targets = [], []
+        images, targets, names = [], [], []
         while len(images) < want and self._pending_ok:
             entry = self._pending.popleft()
             self._commit(entry)
@@ -441,12 +441,13 @@ class Loader(Closing):
                 self._pending_ok -= 1
                 images.append(entry[1])
                 targets.append(entry[2])
+                names.append(entry[3])
         self._check_bad(final=False)
         self._stats.batches += 1
         labels: Any = targets
         if all(isinstance(t, (int, np.integer)) for t in targets):
             labels = np.asarray(targets, np.int32)
-        return {"image": np.stack(images), "label": labels}
+        return {"image": np.stack(images), "label": labels, "name": names}
 
     def _commit(self, entry: tuple) -> None:
         if entry[0] == "ok":
@@ -536,6 +537,11 @@ def make_train_loader(spec: Any, tokenizer: Any, *, batch_size: int, seed: int, 
 
 
 # ----------------------------------------------------------------------------- eval
+
+def item_name(where: str, key: str | None) -> str:
+    """How messages and per-image outputs name a sample: its file, or ``shard:key`` for a shard member."""
+    return f"{where}:{key}" if key and key not in where else str(where)
+
 
 def eval_item(key: str, where: str, image: bytes | str | None, target: Any) -> tuple:
     """A work item for ``make_eval_loader``: ``image`` is encoded bytes or a file path (read by the worker),

@@ -261,7 +261,13 @@ class Encoders:
             out = apply({"params": p}, images, method=DualEncoder.encode_image)
             return noise_lib.sample_embeddings(out["mean"], out["noise"], key, mc_samples)
 
+        def _image_and_noise(p, images):
+            out = apply({"params": p}, images, method=DualEncoder.encode_image)
+            angle = noise_lib.per_example_sizes(out["mean"].astype(jnp.float32), out["noise"])["angular"]
+            return noise_lib.l2_normalize(out["mean"].astype(jnp.float32)), angle
+
         self._image = jax.jit(_image)
+        self._image_and_noise = jax.jit(_image_and_noise)
         self._text = jax.jit(_text)
         self._samples = jax.jit(_samples, static_argnums=3)
         self._scale = jax.jit(lambda p: apply({"params": p}, method=DualEncoder.logit_scale))
@@ -297,6 +303,13 @@ class Encoders:
     def image_embeddings(self, images):
         """L2-normalised mean image embeddings ``[B, D]`` (deterministic)."""
         return self._image(self.params, self._check_images(images))
+
+    def image_embeddings_and_noise(self, images):
+        """``(image_embeddings(images), angle [B])``: with the HET-XL head, each image's angular noise size in
+        radians (``hetclip.noise.per_example_sizes``), from the same forward pass."""
+        if not self.config.het.enabled:
+            raise ValueError("image_embeddings_and_noise needs the HET-XL head, but this model has het.enabled=False")
+        return self._image_and_noise(self.params, self._check_images(images))
 
     def text_embeddings(self, tokens):
         """L2-normalised text embeddings ``[B, D]``."""

@@ -192,6 +192,25 @@ def test_weight_decay_mask_groups_and_freezing(tokenizer_dir):
     assert not np.array_equal(p0["temperature"]["log_scale"], p1["temperature"]["log_scale"])
 
 
+def test_weight_decay_multiplier_per_group():
+    """With zero gradients AdamW's update is the decay alone, ``-lr * wd * w`` on matrices: ``wd_mults.head=0``
+    leaves the HET-XL head's matrices alone and still decays the text tower's."""
+    from hetclip.configs._base import base_config
+    from hetclip.model import init_params, preset
+
+    cfg = config_lib.apply_overrides(base_config("tiny", het=True), [
+        "optim.wd_mults.head=0.0", "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=0.5",
+        "optim.weight_decay=0.1", "optim.grad_clip=0.0"])
+    params = jax.device_get(init_params(preset("tiny", het={"enabled": True}), jax.random.key(0)))
+    opt, _ = optim_lib.make_optimizer(cfg, params, 10)
+    updates, _ = opt.update(jax.tree.map(np.zeros_like, params), opt.init(params), params)
+    head_kernel = updates["het_head"]["diag"]["kernel"]
+    assert np.abs(head_kernel).max() == 0.0
+    text_kernel = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    np.testing.assert_allclose(updates["text_model"]["embeddings"]["token_embedding"]["embedding"], -0.5 * 0.1 * text_kernel,
+                               rtol=1e-5, atol=1e-8)
+
+
 def test_schedule_warmup_then_cosine():
     o = ml_collections.ConfigDict(dict(lr=1.0, warmup_init_lr=0.1, warmup_steps=10, schedule="cosine",
                                        end_lr=0.0, rsqrt_timescale=10))
@@ -270,9 +289,14 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tokenizer_dir, tmp_path, 
 def _age_keys(d: dict, model_prefix: str = "") -> dict:
     """Rename the present keys back to the names they had before and drop the keys added since (as an
     older hetclip wrote them)."""
-    if not model_prefix:
-        for key in config_lib.ADDED_KEYS:
-            d.pop(key)
+    for key in config_lib.ADDED_KEYS:
+        if not key.startswith(model_prefix):
+            continue
+        *parents, last = key[len(model_prefix):].split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node.pop(last)
     for old, new in config_lib.RENAMED_KEYS.items():
         if not new.startswith(model_prefix):
             continue
@@ -303,5 +327,6 @@ def test_a_run_written_with_old_key_names_resumes_and_loads(tokenizer_dir, tmp_p
     old = load_run(str(work))  # evaluation / export of the old run
     assert old.step == 2 and old.model_cfg.het.mc_samples == 4
     assert old.meta["config"]["data"]["epoch_size"] == 0 and "num_samples" not in old.meta["config"]["data"]
+    assert old.model_cfg.het.noise_space == "embedding"  # a key added since: the stored run's behaviour
     summary = train_lib.train(cfg, str(work), progress=False)  # resume (no --allow-config-change)
     assert summary["step"] == 4 and load_run(str(work)).model_cfg.het.mc_samples == 4

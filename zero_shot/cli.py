@@ -23,7 +23,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from hetclip.zero_shot import evaluate as ev
-from hetclip.zero_shot import report
+from hetclip.zero_shot import report, uncertainty
 from hetclip.zero_shot.templates import TEMPLATE_SETS, load_templates
 
 def _table(rows: Dict[str, Any]) -> str:
@@ -100,10 +100,16 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default=None, help="cache classifier weights here")
-    p.add_argument("--plot", metavar="DIR", default=None, help="write a reliability diagram (PNG) here; needs "
-                   "the plot extra: pip install 'hetclip[plot]'")
+    p.add_argument("--plot", metavar="DIR", default=None, help="write the reliability diagram and the selective-"
+                   "prediction curve (PNG) here; needs the plot extra: pip install 'hetclip[plot]'")
+    p.add_argument("--per-image", metavar="FILE", default=None, help="write each image's prediction, confidence, "
+                   "entropy and (HET-XL) noise size here (.csv or .jsonl; default with --out: beside it, "
+                   "<out>_per_image.csv)")
+    p.add_argument("--no-per-image", action="store_true", help="do not write the per-image file")
     args = p.parse_args(argv)
     _check_out(args.out)
+    if args.per_image and os.path.splitext(args.per_image)[1].lower() not in (".csv", ".jsonl"):
+        raise ValueError(f"--per-image {args.per_image!r} must end in .csv or .jsonl")
     if args.plot:
         from hetclip.zero_shot.plots import PlotUnavailable, require_matplotlib
 
@@ -127,29 +133,53 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
         mc_samples=args.mc_samples, seed=args.seed, workers=args.workers, resize_size=ck["resize_size"],
         max_bad_fraction=args.max_bad_fraction,
         model_id=ck["model_id"], cache_dir=args.cache_dir, shard=False if args.no_shard else None,
-        progress=not args.no_progress)
+        progress=not args.no_progress, per_image=not args.no_per_image and bool(args.per_image or args.out))
+    images = result.pop("per_image", None)
     result.update(ck["info"])
     result["command"] = "hetclip-zero-shot"
     result["argv"] = list(argv)
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     print(_table(dict(dataset=args.imagenet or args.data, images=result["dataset"]["images_evaluated"],
                       templates=args.templates, **result["metrics"])))
+    print(_selective_text(result))
     name = args.dataset_name or report.dataset_name(args.imagenet or args.data, bool(args.imagenet))
-    _write_record(args.out, result, report.CLASSIFICATION, name, ck)
+    out_path = _write_record(args.out, result, report.CLASSIFICATION, name, ck)
+    if images is not None:
+        path = args.per_image or f"{os.path.splitext(out_path)[0]}_per_image.csv"
+        print(f"per-image predictions: {uncertainty.write_per_image(path, images)}")
     if args.plot:
-        from hetclip.zero_shot.plots import write_reliability_plot
+        from hetclip.zero_shot.plots import write_reliability_plot, write_selective_plot
 
         print(f"reliability diagram: {write_reliability_plot(result, args.plot, name)}")
+        print(f"selective prediction: {write_selective_plot(result, args.plot, name)}")
     return result
 
 
-def _write_record(template: Optional[str], result: Dict[str, Any], task: str, dataset: str, ck: Dict[str, Any]):
+def _selective_text(result: Dict[str, Any]) -> str:
+    """One line: how well each certainty score ranks the mistakes (AUROC) and the accuracy of the most
+    certain 80 %; which scores are missing and why."""
+    parts = []
+    for name, rep in result.get("selective", {}).items():
+        auroc = "n/a" if rep["auroc"] is None else f"{rep['auroc']:.4f}"
+        parts.append(f"{name} AUROC {auroc} (top-80% acc {rep['accuracy_at']['0.8']:.4f})")
+    missing = result.get("uncertainty", {}).get("missing", {})
+    line = "misclassification detection: " + "; ".join(parts)
+    if "noise" in missing:
+        line += f" [noise size: {missing['noise']}]"
+    return line
+
+
+def _write_record(template: Optional[str], result: Dict[str, Any], task: str, dataset: str,
+                  ck: Dict[str, Any]) -> Optional[str]:
+    """Write the CLIP_benchmark record to ``template`` (placeholders filled); its path."""
     if not template:
-        return
+        return None
     model = report.model_name(getattr(ck["encoders"], "config", None))
     rec = report.record(result, task=task, dataset=dataset, model=model,
                         pretrained=report.pretrained_tag(ck["info"], ck.get("model_id")))
-    _write_json(report.output_path(template, rec), rec)
+    path = report.output_path(template, rec)
+    _write_json(path, rec)
+    return path
 
 
 def retrieval_main(argv: Optional[Sequence[str]] = None) -> int:

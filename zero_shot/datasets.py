@@ -29,7 +29,7 @@ import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from hetclip.data import folders, shards
-from hetclip.data.loader import Loader, eval_item, make_eval_loader
+from hetclip.data.loader import Loader, eval_item, item_name, make_eval_loader
 from hetclip.data.shards import IMAGE_EXTS, ShardFailure, ShardReadError
 from hetclip.zero_shot.templates import imagenet_classnames, imagenet_wnids, load_classnames
 
@@ -277,7 +277,6 @@ def eval_batches(source, image_size: int, batch_size: int, *, workers: int = 2, 
 def skipped_summary(loader: Loader) -> dict:
     """How many samples the loader skipped, by reason, and the first few of them by name."""
     st = loader.stats()
-    names = [f"{e['shard']}" + (f":{e['key']}" if e.get("key") and e["key"] not in e["shard"] else "")
-             for e in st["bad_examples"][:20]]
+    names = [item_name(e["shard"], e.get("key")) for e in st["bad_examples"][:20]]
     return {"images_skipped": sum(st["skipped"].values()), "skipped_by_reason": st["skipped"],
             "skipped_files": names}

@@ -36,6 +36,7 @@ from hetclip.data.decode import CLIP_MEAN, CLIP_STD
 from hetclip.model import normalize_images
 from hetclip.noise import l2_normalize
 from hetclip.zero_shot import datasets as ds
+from hetclip.zero_shot import uncertainty
 from hetclip.zero_shot.classifier import build_classifier, classifier_info, encode_texts
 from hetclip.zero_shot.metrics import ClassificationMeter, retrieval_recall
 from hetclip.zero_shot.templates import load_templates
@@ -61,13 +62,13 @@ class BatchedEncoder:
         if x.shape[0] == 0:
             raise ValueError("empty batch")
         if x.shape[0] > self.batch_size:  # larger inputs: fixed-size chunks
-            return jnp.concatenate([self(x[s:s + self.batch_size], *args)
-                                    for s in range(0, x.shape[0], self.batch_size)], 0)
+            parts = [self(x[s:s + self.batch_size], *args) for s in range(0, x.shape[0], self.batch_size)]
+            return jax.tree.map(lambda *p: jnp.concatenate(p, 0), *parts)
         n = x.shape[0]
         if n < self.batch_size:
             x = np.concatenate([x, np.repeat(x[:1], self.batch_size - n, axis=0)], 0)
         x = jax.device_put(x, self.sharding) if self.sharding is not None else jnp.asarray(x)
-        return self.fn(_model_input(x), *args)[:n]
+        return jax.tree.map(lambda y: y[:n], self.fn(_model_input(x), *args))
 
 
 _model_input = jax.jit(normalize_images)
@@ -106,14 +107,21 @@ def mc_log_probs(samples, weights, logit_scale) -> np.ndarray:
 def _batch_parts(batch):
     if isinstance(batch, dict):
         return batch["image"], batch["label"]
-    images, labels = batch
+    images, labels = batch[:2]
     return images, labels
+
+
+def _batch_names(batch, first: int, count: int) -> list:
+    """The images' names (the loader's ``"name"``), or their positions in the evaluation order."""
+    names = batch.get("name") if isinstance(batch, dict) else None
+    return list(names) if names is not None else [str(i) for i in range(first, first + count)]
 
 
 def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, logit_scale: float, *,
                        sample_image: Optional[Callable] = None, mc_samples: int = 0, key=None,
                        batch_size: Optional[int] = None, shard: Optional[bool] = None,
-                       progress=None, topk: Sequence[int] = (1, 5), reliability: Optional[dict] = None
+                       progress=None, topk: Sequence[int] = (1, 5), reliability: Optional[dict] = None,
+                       encode_image_and_noise: Optional[Callable] = None, per_image: Optional[dict] = None
                        ) -> Dict[str, float]:
     """Metrics over ``batches`` of ``(images, labels)`` (or dicts with ``image``/``label``).
 
@@ -123,6 +131,11 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
     ``mc_samples > 0``, the same keys prefixed ``mc_``; plus ``num_images`` and ``images_per_second``.
     A ``reliability`` dict is filled with the reliability diagrams (``ClassificationMeter.reliability``)
     under ``"deterministic"`` and, with MC samples, ``"mc"``.
+
+    A ``per_image`` dict is filled with one array per field over the evaluated images, in order: ``name``
+    (the loader's names, else positions), ``label`` and ``uncertainty.per_image_scores`` of the deterministic
+    predictive (and ``mc_``-prefixed of the MC one); with ``encode_image_and_noise`` (``images -> (embeddings,
+    angle [B])``, used instead of ``encode_image``) also ``noise``, each image's HET-XL angular noise size.
     """
     weights = jnp.asarray(classifier, jnp.float32)
     num_classes = int(weights.shape[0])
@@ -132,11 +145,19 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
             raise ValueError("mc_samples > 0 needs sample_image (the model has no HET-XL head?)")
         if key is None:
             key = jax.random.PRNGKey(0)
-    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
+    image_fn = encode_image_and_noise or encode_image
+    enc = BatchedEncoder(image_fn, batch_size, shard=shard) if batch_size else _normalising(image_fn)
     samp = (BatchedEncoder(sample_image, batch_size, shard=shard) if batch_size and sample_image
             else _normalising(sample_image))
     det = ClassificationMeter(num_classes, topk)
     mc = ClassificationMeter(num_classes, topk) if mc_samples > 0 else None
+    fields: Dict[str, list] = {}
+
+    def keep(**arrays):
+        if per_image is not None:
+            for k, v in arrays.items():
+                fields.setdefault(k, []).append(np.asarray(v))
+
     seen = 0
     start = time.perf_counter()
     for batch in batches:
@@ -145,10 +166,19 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
         step = batch_size or labels.shape[0]
         for c in range(0, labels.shape[0], step):  # MC key folded with each chunk's first example
             imgs, labs = images[c:c + step], labels[c:c + step]
-            det.update(deterministic_log_probs(enc(imgs), weights, logit_scale), labs)
+            emb = enc(imgs)
+            if encode_image_and_noise is not None:
+                emb, angle = emb
+                keep(noise=angle)
+            lp = deterministic_log_probs(emb, weights, logit_scale)
+            det.update(lp, labs)
+            keep(name=_batch_names(batch, seen, labels.shape[0])[c:c + step], label=labs,
+                 **uncertainty.per_image_scores(lp, labs))
             if mc is not None:
                 s = samp(imgs, jax.random.fold_in(key, seen + c), int(mc_samples))
-                mc.update(mc_log_probs(s, weights, logit_scale), labs)
+                lp_mc = mc_log_probs(s, weights, logit_scale)
+                mc.update(lp_mc, labs)
+                keep(**uncertainty.per_image_scores(lp_mc, labs, prefix="mc_"))
         seen += labels.shape[0]
         if progress is not None:
             progress.update(labels.shape[0])
@@ -165,6 +195,8 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
         reliability["deterministic"] = det.reliability()
         if mc is not None:
             reliability["mc"] = mc.reliability()
+    if per_image is not None:
+        per_image.update({k: np.concatenate(v) for k, v in fields.items()})
     out["num_images"] = seen
     out["images_per_second"] = seen / elapsed if elapsed > 0 else float("nan")
     return out
@@ -176,7 +208,8 @@ def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer,
                        progress=None) -> Dict[str, float]:
     """Recall@k both ways over ``batches`` of ``(images, captions)`` where ``captions[i]`` is a list
     of the captions of image ``i`` (or a single string)."""
-    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
+    image_fn = encode_image_and_noise or encode_image
+    enc = BatchedEncoder(image_fn, batch_size, shard=shard) if batch_size else _normalising(image_fn)
     img_emb, texts, owner = [], [], []
     n = 0
     for batch in batches:
@@ -277,7 +310,7 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
                   seed: int = 0, workers: int = 2, resize_size: Optional[int] = None,
                   max_bad_fraction: float = 0.01,
                   model_id: Optional[str] = None, cache_dir: Optional[str] = None, memory_cache=None,
-                  shard: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
+                  shard: Optional[bool] = None, progress: bool = False, per_image: bool = False) -> Dict[str, Any]:
     """Zero-shot evaluation of ``encoders`` (``image_embeddings``, ``text_embeddings``, ``logit_scale``,
     optional ``image_samples``) on a class-folder tree, an ImageNet val folder or ``.cls`` shards.
 
@@ -285,7 +318,10 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
     ``classnames.txt``). ``templates``: a list or a set name / file (``clip80``, ``clip7``, ``bare``).
     ``workers`` decode processes read the images (0: in this process); more than ``max_bad_fraction``
     unusable images is an error. Returns ``{"metrics": {...}, "dataset": {...}, "preprocess": {...},
-    "text": {...}, "reliability": {...}, ...}`` (``reliability``: the diagrams of ``evaluate_zero_shot``).
+    "text": {...}, "reliability": {...}, "selective": {...}, ...}`` (``reliability``: the diagrams of
+    ``evaluate_zero_shot``; ``selective``: ``uncertainty.selective_report`` of the per-image scores, with
+    the HET-XL noise size when the model has the head) and, with ``per_image``, the per-image fields
+    (``evaluate_zero_shot``'s ``per_image``) under ``"per_image"``.
     """
     source = _source(dataset_dir, classnames, imagenet)
     names = source.classnames
@@ -301,11 +337,16 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
     bar = _progress(total, "zero-shot", progress)
     sampler = getattr(encoders, "image_samples", None) if mc_samples > 0 else None
     reliability: Dict[str, Any] = {}
+    images: Dict[str, np.ndarray] = {}
+    cfg = getattr(encoders, "config", None)
+    het = bool(cfg is not None and cfg.het.enabled)
+    noise_fn = getattr(encoders, "image_embeddings_and_noise", None) if het else None
     try:
         metrics = evaluate_zero_shot(encoders.image_embeddings, weights, batches, _logit_scale(encoders),
                                      sample_image=sampler, mc_samples=mc_samples,
                                      key=jax.random.PRNGKey(seed), batch_size=batch_size, shard=shard,
-                                     progress=bar, reliability=reliability)
+                                     progress=bar, reliability=reliability, per_image=images,
+                                     encode_image_and_noise=noise_fn)
     finally:
         batches.close()
         if bar is not None:
@@ -324,6 +365,9 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
         "logit_scale": _logit_scale(encoders),
         "mc_samples": int(mc_samples), "seed": int(seed), "batch_size": int(batch_size),
         "reliability": reliability,
+        "selective": uncertainty.selective_report(images) if images else {},
+        "uncertainty": uncertainty.describe(images, het),
+        **({"per_image": dict(images, classnames=list(names))} if per_image else {}),
     }
 
 

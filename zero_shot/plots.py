@@ -4,7 +4,9 @@ A diagram shows, for each of the 15 equal-width confidence bins of the ECE (``me
 accuracy of the examples whose top-class probability falls in the bin, against the diagonal of
 perfect calibration; the gap to the bin's mean confidence is shaded and the ECE is in the title.
 With MC-averaged HET-XL predictions the deterministic and the MC diagrams are drawn side by side.
-The figure is built with ``matplotlib.figure.Figure`` (no pyplot, no global backend state).
+The selective-prediction figure (``selective_figure``) draws the accuracy of the most certain images against
+the fraction kept, one curve per certainty score of ``uncertainty.selective_report``, with its AUROC.
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot, no global backend state).
 """
 from __future__ import annotations
 
@@ -74,15 +76,51 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "task"
 
 
+SCORE_LABELS = {"confidence": "deterministic confidence", "mc_confidence": "MC predictive confidence",
+                "noise": "HET-XL noise size (smaller = more certain)"}
+
+
+def selective_figure(selective: Dict[str, Dict], title: str = ""):
+    """Accuracy against coverage for each score in ``selective`` (``uncertainty.selective_report``)."""
+    from matplotlib.figure import Figure
+
+    if not selective:
+        raise ValueError("no selective-prediction report to plot")
+    fig = Figure(figsize=(5.2, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for name, rep in selective.items():
+        auroc = rep["auroc"]
+        label = f"{SCORE_LABELS.get(name, name)}: AUROC " + ("n/a" if auroc is None else f"{auroc:.3f}")
+        ax.plot(rep["curve"]["coverage"], rep["curve"]["accuracy"], marker=".", label=label, gid=name)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (fraction of images kept, most certain first)")
+    ax.set_ylabel("accuracy of the kept images")
+    ax.legend(loc="lower left", fontsize="small")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _save(fig, out_dir: str, stem: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{stem}.png")
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path
+
+
+def write_selective_plot(result: Dict[str, Any], out_dir: str, name: str, title: Optional[str] = None) -> str:
+    """Render ``result["selective"]`` (from ``run_zero_shot``) to ``out_dir/selective_<name>.png``."""
+    require_matplotlib()
+    fig = selective_figure(result.get("selective") or {}, title if title is not None else name)
+    return _save(fig, out_dir, f"selective_{_slug(name)}")
+
+
 def write_reliability_plot(result: Dict[str, Any], out_dir: str, name: str, title: Optional[str] = None) -> str:
     """Render ``result["reliability"]`` (from ``run_zero_shot``) to ``out_dir/reliability_<name>.png``;
     returns the path. The file is written under a temporary name and renamed."""
     require_matplotlib()
     diagrams = result.get("reliability") or {}
     fig = reliability_figure(diagrams, title if title is not None else name)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"reliability_{_slug(name)}.png")
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, out_dir, f"reliability_{_slug(name)}")
