@@ -43,6 +43,12 @@ class Tower:
     path: str
 
 
+def use_compilation_cache(path: str) -> None:
+    """Keep compiled programs in ``path`` across runs: arms that differ only in their seed compile once."""
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def load_tower(path: str) -> Tower:
     """A training run directory or an HF export (``hetclip.zero_shot.evaluate.load_model``)."""
     from hetclip.zero_shot.evaluate import load_model
@@ -154,10 +160,10 @@ def train(cfg, tower: Tower, features: np.ndarray, captions: Sequence[str], *, l
     n, b = feats.shape[0], int(cfg.batch_size)
 
     @jax.jit
-    def one(state, order, i):
-        idx = jax.lax.dynamic_slice_in_dim(order, (i % (n // b)) * b, b)
+    def one(state, feats, tokens, order, i, key):  # data and key are arguments, so the program has no
+        idx = jax.lax.dynamic_slice_in_dim(order, (i % (n // b)) * b, b)  # large constants and seeds share it
         batch = {"features": feats[idx], "text": tokens[idx]}
-        return step_fn(state, batch, jax.random.fold_in(loop_key, i))
+        return step_fn(state, batch, jax.random.fold_in(key, i))
 
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.asarray(0, jnp.int32)}
     history = []
@@ -169,7 +175,7 @@ def train(cfg, tower: Tower, features: np.ndarray, captions: Sequence[str], *, l
     for i in range(steps):
         if i % (n // b) == 0:  # a new epoch: a new permutation
             order = jnp.asarray(np.random.default_rng([cfg.seed, i // (n // b)]).permutation(n), jnp.int32)
-        state, metrics = one(state, order, i)
+        state, metrics = one(state, feats, tokens, order, i, loop_key)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
             row["step"] = i + 1

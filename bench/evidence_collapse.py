@@ -120,6 +120,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown setting or caption kind {unknown}; settings {list(SETTINGS)}, captions {list(CAPTIONS)}")
     os.makedirs(args.root, exist_ok=True)
+    lit.use_compilation_cache(os.path.join(args.root, "jax_cache"))
     tower = lit.load_tower(args.pretrained)
     size = tower.model_cfg.vision.image_size
     task = lit.read_eval(os.path.join(args.demo_data, "eval", "shape"), size)

@@ -163,11 +163,12 @@ def test_processor_and_tokenizer_files(tok, tmp_path):
     assert pre["resample"] == 3 and pre["crop_size"] == {"height": 32, "width": 32}
 
 
-@pytest.mark.parametrize("param_efficient", [True, False])
-def test_het_head_files_reproduce_noise(tok, tmp_path, param_efficient):
+@pytest.mark.parametrize("param_efficient,noise_space", [(True, "embedding"), (False, "embedding"), (True, "sphere")])
+def test_het_head_files_reproduce_noise(tok, tmp_path, param_efficient, noise_space):
     from safetensors.torch import load_file
 
-    cfg = tiny_cfg(tok, het={"enabled": True, "num_factors": 3, "param_efficient": param_efficient})
+    cfg = tiny_cfg(tok, het={"enabled": True, "num_factors": 3, "param_efficient": param_efficient,
+                             "noise_space": noise_space})
     params = make_params(cfg)
     model = check_roundtrip(cfg, params, tok, tmp_path / "hf")
     w = load_file(str(tmp_path / "hf" / hf.HET_HEAD_WEIGHTS))
@@ -181,6 +182,10 @@ def test_het_head_files_reproduce_noise(tok, tmp_path, param_efficient):
         h = model.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).pooler_output
         d = torch.nn.functional.softplus(h @ w["diag.weight"].T + w["diag.bias"]) + desc["diag_floor"]
         low = h @ w["low_rank.weight"].T + w["low_rank.bias"]
+    if noise_space == "sphere":  # the described scaling; the mean is the unit vector
+        assert desc["noise_space"] == "sphere" and "sphere" in desc["formulas"]
+        d, low = d * cfg.embed_dim ** -0.5, low * cfg.embed_dim ** -0.5
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(out["mean"], np.float32), axis=-1), 1.0, rtol=1e-3)
     np.testing.assert_allclose(d.numpy(), np.asarray(out["noise"]["d"]), atol=1e-5)
     if param_efficient:
         np.testing.assert_allclose(low.numpy(), np.asarray(out["noise"]["v"]), atol=1e-5)
@@ -190,6 +195,7 @@ def test_het_head_files_reproduce_noise(tok, tmp_path, param_efficient):
     # and the directory imports back with the head
     back, back_cfg = hf.params_from_hf(str(tmp_path / "hf"))
     assert back_cfg.het.enabled and back_cfg.het.param_efficient == param_efficient
+    assert back_cfg.het.noise_space == noise_space
     for a, b in zip(jax.tree.leaves(back["het_head"]), jax.tree.leaves(params["het_head"])):
         np.testing.assert_array_equal(a, b)
 

@@ -330,3 +330,8 @@ def test_a_run_written_with_old_key_names_resumes_and_loads(tokenizer_dir, tmp_p
     assert old.model_cfg.het.noise_space == "embedding"  # a key added since: the stored run's behaviour
     summary = train_lib.train(cfg, str(work), progress=False)  # resume (no --allow-config-change)
     assert summary["step"] == 4 and load_run(str(work)).model_cfg.het.mc_samples == 4
+    last = summary["last_metrics"]  # the head's size is watched: in the summary and its printed form
+    assert last["step"] == 4 and last["het/angular"] > 0 and last["het/angular_spread"] >= 0
+    assert "HET-XL head at step 4: angular noise" in train_lib._summary_text(summary)
+    rows = _metrics(str(work))
+    assert all("het/angular" in r and "het/mean_norm" in r for r in rows if "loss" in r)

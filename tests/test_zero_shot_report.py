@@ -34,9 +34,9 @@ def test_zero_shot_out_is_a_clip_benchmark_record(tmp_path, monkeypatch):
     out = tmp_path / "res" / "{dataset}_{pretrained}_{model}_{language}_{task}.json"
     result = cli.run(["--checkpoint", "/ck/run", "--data", str(root), "--templates", "clip7", "--batch-size", "4",
                        "--mc-samples", "2", "--out", str(out), "--no-progress"])
-    files = list((tmp_path / "res").iterdir())
-    assert [f.name for f in files] == ["colours__ck_run@7_hetclip-tiny-HET-XL_en_zeroshot_classification.json"]
-    rec = json.loads(files[0].read_text())
+    stem = "colours__ck_run@7_hetclip-tiny-HET-XL_en_zeroshot_classification"
+    assert sorted(f.name for f in (tmp_path / "res").iterdir()) == [f"{stem}.json", f"{stem}_per_image.csv"]
+    rec = json.loads((tmp_path / "res" / f"{stem}.json").read_text())
     assert CB_RECORD_KEYS <= set(rec)
     assert (rec["dataset"], rec["task"], rec["pretrained"], rec["model"]) == (
         "colours", "zeroshot_classification", "/ck/run@7", "hetclip-tiny-HET-XL")

@@ -208,8 +208,7 @@ def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer,
                        progress=None) -> Dict[str, float]:
     """Recall@k both ways over ``batches`` of ``(images, captions)`` where ``captions[i]`` is a list
     of the captions of image ``i`` (or a single string)."""
-    image_fn = encode_image_and_noise or encode_image
-    enc = BatchedEncoder(image_fn, batch_size, shard=shard) if batch_size else _normalising(image_fn)
+    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
     img_emb, texts, owner = [], [], []
     n = 0
     for batch in batches:
