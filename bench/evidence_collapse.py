@@ -45,6 +45,9 @@ SETTINGS = {  # name -> overrides of demo:het (one change of the recipe each)
     "sphere": ["model.het.noise_space=sphere"],
 }
 CAPTIONS = {"colour": {}, "plain": {"shape_only_prob": 1.0, "color_only_prob": 0.0}}
+# The image side after the locked tower: the pretrained projection kept (LiT), or trained by both arms (the
+# cached features never run the tower, so only ``visual_projection`` of the image group moves)
+PROJECTION = {"locked": [], "trained": ["freeze.image=False"]}
 WARM = None  # filled from hetclip.data.demo.PARTNER_COLORS
 
 
@@ -72,12 +75,12 @@ def _halves(meta, values):
 
 def one_run(args, tower, feats, caps, meta, task, task_feats, captions, setting, seed, arm):
     recipe = "demo" if arm == "DET" else "demo:het"
-    overrides = [] if arm == "DET" else SETTINGS[setting]
+    overrides = ([] if arm == "DET" else SETTINGS[setting]) + PROJECTION[args.projection]
     cfg = lit.run_config(recipe, overrides, args.steps, seed)
     trained = lit.train(cfg, tower, feats, caps, log_every=50)
     res = lit.evaluate(trained, tower.tokenizer, task_feats, task, mc_samples=args.mc_samples, seed=seed)
     per, m = res["per_image"], res["metrics"]
-    out = {"captions": captions, "setting": setting, "seed": seed, "arm": arm, "steps": args.steps,
+    out = {"captions": captions, "projection": args.projection, "setting": setting, "seed": seed, "arm": arm, "steps": args.steps,
            "seconds": trained.seconds, "overrides": overrides, "logit_scale": res["logit_scale"],
            "top1": m["top1"], "nll": m["nll"], "ece": m["ece"],
            "selective_auroc": {k: v["auroc"] for k, v in res["selective"].items()}}
@@ -96,6 +99,71 @@ def one_run(args, tower, feats, caps, meta, task, task_feats, captions, setting,
     return out
 
 
+MECH_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+MECH_SAMPLES = (8, 32, 128, 1024)
+
+
+def mechanism(args, tower, feats, caps, captions, seed=0, batches=8):
+    """Which noise size the training objective prefers, and how that depends on the MC samples: a HET-XL
+    recipe model is trained (``captions``, ``seed``); then on ``batches`` fixed training batches its noise is
+    multiplied by ``a`` (``d`` and ``v``/``V``; the mean, text and temperature kept) and the HET-XL loss is
+    estimated with ``S`` samples (``hetxl_loss_naive``, averaged over the batches and, for ``S`` < 1024,
+    over 1024/S keys, so every ``S`` costs the same draws). ``S`` = 1024 is close to the exact expected loss;
+    a smaller ``S`` estimates ``log E[softmax]`` by ``log mean`` of few draws, which Jensen's inequality biases
+    upward by about ``Var/(2S)``, a penalty that grows with the noise."""
+    import jax
+    import jax.numpy as jnp
+
+    from hetclip.losses import hetxl_loss_naive
+    from hetclip.model import DualEncoder
+
+    cfg = lit.run_config("demo:het", PROJECTION[args.projection], args.steps, seed)
+    trained = lit.train(cfg, tower, feats, caps, log_every=args.steps)
+    model = DualEncoder(trained.model_cfg)
+    params = trained.params
+    tokens = np.asarray(tower.tokenizer(list(caps)))
+    scale = float(model.apply({"params": params}, method=DualEncoder.logit_scale))
+    order = np.random.default_rng(1234).permutation(len(caps))
+    b = int(cfg.batch_size)
+
+    @jax.jit
+    def parts(f, t):
+        img = model.apply({"params": params}, f, method=DualEncoder.project_image)
+        return img["mean"].astype(jnp.float32), img["noise"], model.apply({"params": params}, t,
+                                                                         method=DualEncoder.encode_text)
+
+    def loss(mean, noise, txt, a, key, s):
+        scaled = {k: (v if k == "C" else v * a) for k, v in noise.items()}
+        return hetxl_loss_naive(mean, scaled, txt, scale, key, mc_samples=s)[0]
+
+    table = {s: {a: 0.0 for a in MECH_SCALES} for s in MECH_SAMPLES}
+    for i in range(batches):
+        idx = order[i * b:(i + 1) * b]
+        mean, noise, txt = parts(jnp.asarray(feats[idx]), jnp.asarray(tokens[idx]))
+        for s in MECH_SAMPLES:
+            fn = jax.jit(lambda m, n, t, a, k, s=s: loss(m, n, t, a, k, s))
+            for a in MECH_SCALES:
+                reps = max(1, 1024 // s)
+                vals = [float(fn(mean, noise, txt, a, jax.random.key(i * 10_000 + r))) for r in range(reps)]
+                table[s][a] += float(np.mean(vals)) / batches
+    return {"captions": captions, "seed": seed, "steps": args.steps, "logit_scale": scale,
+            "angular": float(np.mean(lit.noise_sizes(trained.model_cfg, params, feats[order[:b * batches]]))),
+            "loss": {str(s): {f"{a:g}": v for a, v in row.items()} for s, row in table.items()}}
+
+
+def mechanism_report(mech) -> str:
+    lines = [f"HET-XL training loss of the trained recipe model ({mech['captions']} captions, seed {mech['seed']}, "
+             f"{mech['steps']} steps; its angular noise {mech['angular']:.3f}) with its noise multiplied by a, "
+             "estimated with S samples (rows), minus the loss at a = 0:", "",
+             "| S | " + " | ".join(f"a = {a:g}" for a in MECH_SCALES) + " | best a |",
+             "|---|" + "---|" * (len(MECH_SCALES) + 1)]
+    for s, row in mech["loss"].items():
+        base = row["0"]
+        best = min(row, key=row.get)
+        lines.append(f"| {s} | " + " | ".join(f"{row[f'{a:g}'] - base:+.4f}" for a in MECH_SCALES) + f" | {best} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     global WARM
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +175,9 @@ def main(argv=None):
     ap.add_argument("--mc-samples", type=int, default=32)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--captions", default=",".join(CAPTIONS))
+    ap.add_argument("--projection", choices=list(PROJECTION), default="locked")
+    ap.add_argument("--mechanism", action="store_true", help="instead of the runs: the loss against a multiple "
+                    "of the trained recipe model's noise, per number of MC samples (``mechanism``)")
     ap.add_argument("--root", default="runs/evidence_collapse")
     ap.add_argument("--json", default="bench/results/evidence_collapse.json")
     ap.add_argument("--out", default="docs/RESULTS_collapse.md")
@@ -125,6 +196,19 @@ def main(argv=None):
     size = tower.model_cfg.vision.image_size
     task = lit.read_eval(os.path.join(args.demo_data, "eval", "shape"), size)
     task_feats = lit.cached_features(tower, task, os.path.join(args.root, "features_eval_shape.npy"))
+    if args.mechanism:
+        captions = args.captions.split(",")[0]
+        images, caps, meta = demo_samples(captions, args.noise)
+        feats = lit.cached_features(tower, lit.Samples(images), os.path.join(args.root, "features_train.npy"))
+        mech = mechanism(args, tower, feats, caps, captions, seed=seeds[0])
+        mech["machine"] = machine()
+        for path, text in ((args.json, json.dumps(mech, indent=1)), (args.out, mechanism_report(mech))):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+        print(mechanism_report(mech))
+        return
     rows = []
     t_all = time.perf_counter()
     for captions in args.captions.split(","):
@@ -132,7 +216,8 @@ def main(argv=None):
         feats = lit.cached_features(tower, lit.Samples(images), os.path.join(args.root, "features_train.npy"))
         for seed in seeds:
             for arm, setting in [("DET", "-")] + [("HET-XL", s) for s in settings]:
-                path = os.path.join(args.root, f"{captions}_{arm}_{setting}_s{seed}_n{args.noise:g}_t{args.steps}.json")
+                path = os.path.join(args.root, f"{captions}_{arm}_{setting}_s{seed}_n{args.noise:g}_t{args.steps}"
+                                    f"{'_proj' if args.projection == 'trained' else ''}.json")
                 if os.path.isfile(path):
                     with open(path) as f:
                         rows.append(json.load(f))
@@ -145,7 +230,7 @@ def main(argv=None):
                 print(f"{captions} {arm} {setting} seed {seed}: top1 {row['top1']:.4f} nll {row['nll']:.4f} "
                       f"angular {row.get('history', [{}])[-1].get('het/angular', float('nan')):.4f} "
                       f"auroc(selected) {row.get('noise_auroc_selected')} ({row['seconds']:.0f}s)", flush=True)
-    result = {"machine": machine(), "steps": args.steps, "noise": args.noise, "seeds": seeds,
+    result = {"machine": machine(), "steps": args.steps, "projection": args.projection, "noise": args.noise, "seeds": seeds,
               "mc_samples": args.mc_samples, "pretrained": os.path.basename(os.path.normpath(args.pretrained)),
               "seconds": time.perf_counter() - t_all, "runs": rows}
     if args.json:
