@@ -137,6 +137,7 @@ ADDED_KEYS = {
     "init_from_hf_groups": ["image", "text", "head", "temperature"],
     "optim.wd_mults": {"image": 1.0, "text": 1.0, "head": 1.0, "temperature": 1.0},
     "model.het.noise_space": "embedding",
+    "model.het.estimator": "mc",
 }
 
 

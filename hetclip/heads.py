@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hetclip.losses import ESTIMATORS  # how the loss estimates log E[softmax] (losses.mc_log_mean)
 from hetclip.towers import Dense
 
 DIAG_FLOOR = 1e-3
@@ -34,7 +35,8 @@ NOISE_SPACES = ("embedding", "sphere")
 @dataclasses.dataclass(frozen=True)
 class HetConfig:
     """HET-XL head settings (the recipes' defaults). ``num_factors`` R is the rank of the low-rank
-    covariance, ``mc_samples`` S the Monte-Carlo sample count of the training loss (0: DET loss)."""
+    covariance, ``mc_samples`` S the Monte-Carlo sample count of the training loss (0: DET loss),
+    ``estimator`` how the loss estimates ``log E[softmax]`` from them (``hetclip.losses.mc_log_mean``)."""
     enabled: bool = False
     num_factors: int = 15
     mc_samples: int = 16
@@ -43,6 +45,7 @@ class HetConfig:
     class_chunk: Optional[int] = None
     init_scale: float = 0.1
     noise_space: str = "embedding"
+    estimator: str = "mc"
 
     def __post_init__(self):
         if self.num_factors < 1:
@@ -58,6 +61,10 @@ class HetConfig:
             raise ValueError(f"HetConfig: class_chunk={self.class_chunk} must be >= 1 or None")
         if not self.init_scale > 0:
             raise ValueError(f"HetConfig: init_scale={self.init_scale} must be > 0")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"HetConfig: estimator={self.estimator!r} is not one of {ESTIMATORS}")
+        if self.estimator == "jackknife" and self.enabled and self.mc_samples < 2:
+            raise ValueError(f"HetConfig: the jackknife estimator needs mc_samples >= 2, got {self.mc_samples}")
         if self.noise_space not in NOISE_SPACES:
             raise ValueError(f"HetConfig: noise_space={self.noise_space!r} is not one of {NOISE_SPACES}")
 

@@ -301,7 +301,7 @@ def het_head_description(model_cfg) -> dict:
             "sample": "z_s = mean + V @ e_s + d * e'_s, e_s ~ N(0, I_R), e'_s ~ N(0, I_D); z_s /= |z_s|",
         },
         "het_config": {k: getattr(het, k) for k in ("num_factors", "mc_samples", "param_efficient", "init_scale",
-                                                    "noise_space")},
+                                                    "noise_space", "estimator")},
     }
     if het.noise_space == "sphere":
         desc["formulas"]["sphere"] = ("before sampling: mean = mean / |mean|; d and V multiplied by "

@@ -152,8 +152,33 @@ def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
     return jax.nn.logsumexp(rows, axis=0), cols
 
 
+ESTIMATORS = ("mc", "jackknife")
+
+
+def mc_log_mean(log_p, estimator: str = "mc"):
+    """``log (1/S) Σ_s p_s`` over axis 0 of ``log_p [S, ...]``: the MC estimate of ``log E[p]``.
+
+    ``"mc"``: that estimate; by Jensen's inequality it lies below ``log E[p]`` on average, by about
+    ``Var(p) / (2 S E[p]²)``, so its loss ``−log`` charges the noise a penalty that fades only as ``1/S``.
+    ``"jackknife"``: ``S·L_S − (S−1)·mean_k L_(k)`` with ``L_(k)`` the estimate without sample ``k``, which
+    cancels the ``1/S`` term of the bias (the rest is ``O(1/S²)``); needs ``S ≥ 2``."""
+    s = log_p.shape[0]
+    full = jax.nn.logsumexp(log_p, axis=0) - math.log(s)
+    if estimator == "mc":
+        return full
+    if estimator != "jackknife":
+        raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
+    if s < 2:
+        raise ValueError(f"the jackknife estimator needs mc_samples >= 2, got {s}")
+    lse = full + math.log(s)
+    # leave-one-out logsumexp: lse + log(1 − p_k / Σ p); the share is kept below 1 so it stays finite
+    share = jnp.minimum(jnp.exp(log_p - lse), 1.0 - 1e-6)
+    loo = lse + jnp.log1p(-share) - math.log(s - 1)
+    return s * full - (s - 1) * jnp.mean(loo, axis=0)
+
+
 def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, sample_chunk, class_chunk,
-                      axis_name: AxisName, matmul_dtype):
+                      axis_name: AxisName, matmul_dtype, estimator: str = "mc"):
     """Local sums of the i2t and t2i terms of the MC-softmax contrastive loss.
 
     ``sample_fn(sample_indices [S_c]) -> [S_c, B_l, D]`` normalised image samples for this device.
@@ -173,9 +198,8 @@ def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, s
     parts = chunked_map(body, jnp.arange(mc_samples), sample_chunk)  # each ([nc, S_c, B_l], [nc, S_c, B_l])
     log_p_i2t = jnp.concatenate([p[0].reshape((-1, b_local)) for p in parts], axis=0)  # [S, B_l]
     log_p_t2i = jnp.concatenate([p[1].reshape((-1, b_local)) for p in parts], axis=0)
-    log_s = math.log(mc_samples)
-    i2t = -(jax.nn.logsumexp(log_p_i2t, axis=0) - log_s)
-    t2i = -(jax.nn.logsumexp(log_p_t2i, axis=0) - log_s)
+    i2t = -mc_log_mean(log_p_i2t, estimator)
+    t2i = -mc_log_mean(log_p_t2i, estimator)
     return jnp.sum(i2t), jnp.sum(t2i)
 
 
@@ -248,12 +272,13 @@ def clip_loss(img, txt, scale, *, axis_name: AxisName = None, class_chunk: Optio
 
 def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: Optional[int] = None,
                class_chunk: Optional[int] = None, axis_name: AxisName = None,
-               matmul_dtype=None) -> tuple[jax.Array, Aux]:
+               matmul_dtype=None, estimator: str = "mc") -> tuple[jax.Array, Aux]:
     """Contrastive HET-XL MC-softmax loss (DESIGN §2), chunked over samples and classes.
 
     ``mean [B, D]`` unnormalised image means, ``noise`` the head's noise dict (``hetclip.noise``),
     ``txt [B, D]``, ``scale = 1/τ``, ``key`` the noise PRNG key (same on every device).
-    ``sample_chunk``/``class_chunk``: samples/texts per chunk (``None``: all at once).
+    ``sample_chunk``/``class_chunk``: samples/texts per chunk (``None``: all at once). ``estimator``: how
+    ``log E[softmax]`` is estimated from the samples (``mc_log_mean``).
     """
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
@@ -272,7 +297,8 @@ def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: O
         return jax.vmap(lambda s: noise_lib.noisy_sample(mean32, noise32, key, s, ids))(s_idx)
 
     s_i2t, s_t2i = _mc_softmax_terms(sample_fn, mc_samples, t_loc_n, scale, sample_chunk=sample_chunk,
-                                     class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype)
+                                     class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype,
+                                     estimator=estimator)
     n_global = b_local * _axis_size(axis_name)
     loss, aux = _finish(s_i2t, s_t2i, noise_lib.l2_normalize(mean32), t_loc_n, n_global, scale,
                         class_chunk=class_chunk, axis_name=axis_name, matmul_dtype=matmul_dtype)
@@ -332,7 +358,8 @@ def clip_loss_naive(img, txt, scale) -> tuple[jax.Array, Aux]:
                              "logit_scale": jnp.asarray(scale, jnp.float32)}
 
 
-def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int) -> tuple[jax.Array, Aux]:
+def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int, estimator: str = "mc"
+                     ) -> tuple[jax.Array, Aux]:
     """Reference HET-XL loss with the full ``[N, S, N]`` logits."""
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
@@ -345,9 +372,8 @@ def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int) -> tuple[
     ids = jnp.arange(n)
     log_p_i2t = jax.nn.log_softmax(logits, axis=2)[ids, :, ids]  # [N, S]: image i, its text i
     log_p_t2i = jax.nn.log_softmax(logits, axis=0)[ids, :, ids]  # [N, S]: text j, its image j
-    log_s = math.log(mc_samples)
-    i2t = -jnp.mean(jax.nn.logsumexp(log_p_i2t, axis=1) - log_s)
-    t2i = -jnp.mean(jax.nn.logsumexp(log_p_t2i, axis=1) - log_s)
+    i2t = -jnp.mean(mc_log_mean(log_p_i2t.T, estimator))
+    t2i = -jnp.mean(mc_log_mean(log_p_t2i.T, estimator))
     acc_i2t, acc_t2i = _naive_acc(noise_lib.l2_normalize(mean) @ t.T)
     aux = {"loss_i2t": i2t, "loss_t2i": t2i, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i,
            "logit_scale": jnp.asarray(scale, jnp.float32)}
@@ -443,7 +469,7 @@ TRAINING_LOSSES = ("softmax", "hetxl", "sigmoid")
 
 def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc_samples: int = 0,
               sample_chunk: Optional[int] = None, class_chunk: Optional[int] = None,
-              matmul_dtype=None) -> Callable:
+              matmul_dtype=None, estimator: str = "mc") -> Callable:
     """The training loss ``loss(emb, shared, key) -> (loss, aux)`` over the global batch, sharded over
     ``axis`` of ``mesh`` (``sharded``).
 
@@ -456,7 +482,8 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
     if kind == "hetxl":
         if mc_samples < 1:
             raise ValueError(f"the hetxl loss needs mc_samples >= 1, got {mc_samples}")
-        fn = sharded(hetxl_loss, mesh, axis, mc_samples=mc_samples, sample_chunk=sample_chunk, **chunks)
+        fn = sharded(hetxl_loss, mesh, axis, mc_samples=mc_samples, sample_chunk=sample_chunk,
+                     estimator=estimator, **chunks)
 
         def args(emb, shared, key):
             noise = dict(emb["noise"], **({"C": shared["C"]} if shared.get("C") is not None else {}))

@@ -106,7 +106,7 @@ def make_loss(model_cfg: ModelConfig, mesh):
     # bf16 models also run the logits matmuls as bf16 x bf16 -> fp32 (AMX, AVX-512 BF16); logsumexps stay fp32.
     mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
     fn = losses.make_loss(kind, mesh, dist.BATCH_AXES, mc_samples=het.mc_samples, sample_chunk=het.sample_chunk,
-                          class_chunk=het.class_chunk, matmul_dtype=mm)
+                          class_chunk=het.class_chunk, matmul_dtype=mm, estimator=het.estimator)
 
     def loss(params, emb, key):
         shared = {"scale": model.apply({"params": params}, method=DualEncoder.logit_scale)}

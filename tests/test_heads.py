@@ -166,6 +166,10 @@ def test_het_config_errors():
         H.HetConfig(init_scale=0)
     with pytest.raises(ValueError, match="noise_space='ball' is not one of"):
         H.HetConfig(noise_space="ball")
+    with pytest.raises(ValueError, match="estimator='exact' is not one of"):
+        H.HetConfig(estimator="exact")
+    with pytest.raises(ValueError, match="jackknife estimator needs mc_samples >= 2"):
+        H.HetConfig(enabled=True, estimator="jackknife", mc_samples=1)
 
 
 # ---------- temperature ----------
