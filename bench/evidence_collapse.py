@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cached_lit as lit  # noqa: E402
 from _common import machine, paired_interval  # noqa: E402
 
-SETTINGS = {  # name -> overrides of demo:het (one change of the recipe each)
+S8 = ["model.het.mc_samples=8", "model.het.sample_chunk=8"]  # the diagnosis's reference: 8 MC samples
+SETTINGS = {  # name -> overrides of demo:het after S8 (one change of the 8-sample recipe each)
     "recipe": [],
     "head_wd_0": ["optim.wd_mults.head=0.0"],
     "init_1": ["model.het.init_scale=1.0"],
@@ -76,7 +77,7 @@ def _halves(meta, values):
 
 def one_run(args, tower, feats, caps, meta, task, task_feats, captions, setting, seed, arm):
     recipe = "demo" if arm == "DET" else "demo:het"
-    overrides = ([] if arm == "DET" else SETTINGS[setting]) + PROJECTION[args.projection]
+    overrides = ([] if arm == "DET" else S8 + SETTINGS[setting]) + PROJECTION[args.projection]
     cfg = lit.run_config(recipe, overrides, args.steps, seed)
     trained = lit.train(cfg, tower, feats, caps, log_every=50)
     res = lit.evaluate(trained, tower.tokenizer, task_feats, task, mc_samples=args.mc_samples, seed=seed)
@@ -118,7 +119,7 @@ def mechanism(args, tower, feats, caps, captions, seed=0, batches=8):
     from hetclip.losses import hetxl_loss_naive
     from hetclip.model import DualEncoder
 
-    cfg = lit.run_config("demo:het", PROJECTION[args.projection], args.steps, seed)
+    cfg = lit.run_config("demo:het", S8 + PROJECTION[args.projection], args.steps, seed)
     trained = lit.train(cfg, tower, feats, caps, log_every=args.steps)
     model = DualEncoder(trained.model_cfg)
     params = trained.params
