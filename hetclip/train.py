@@ -296,6 +296,14 @@ def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
     cfg = _prepare_demo(cfg)
     from hetclip.data.tokenizers import load_tokenizer
 
+    if not cfg.data.get("synthetic", False):
+        from hetclip.data.shards import parse_sources
+
+        if not cfg.data.shards:
+            raise config_lib.ConfigError("config data.shards is empty: name the training shards (or set "
+                                         "data.synthetic=True or demo.enabled=True)")
+        parse_sources(cfg.data.shards, cfg.data.get("weights"))  # every local shard exists, all missing ones named
+
     spec = cfg.data.tokenizer.to_dict() if isinstance(cfg.data.tokenizer, ml_collections.ConfigDict) \
         else cfg.data.tokenizer
     tokenizer = load_tokenizer(spec)

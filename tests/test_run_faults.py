@@ -290,6 +290,56 @@ def test_diverging_run_saves_only_finite_states(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Shards that are missing, unreadable or empty
+
+
+def assert_short(err, most=5):
+    """A handled error reads in a few lines: no traceback, at most ``most`` lines."""
+    lines = err.strip().splitlines()
+    assert lines and len(lines) <= most and "Traceback" not in err, err[-3000:]
+
+
+def own_data(trained, shards, *more):
+    """hetclip-train arguments training the test config on ``shards`` with the demo's tokenizer."""
+    return ["--config", trained["config"], "--config.demo.enabled=False", f"--config.data.shards={shards}",
+            f"--config.data.tokenizer.path={trained['demo'] / 'tokenizer'}", "--no-progress", *more]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_shards_are_refused_before_training_all_named(trained, tmp_path, capsys, workers):
+    work = tmp_path / "w"
+    pattern = str(trained["demo"] / "train" / "{00000,missing1,missing2}.tar")
+    rc = train_lib.main(own_data(trained, pattern, "--workdir", str(work), f"--config.data.num_workers={workers}"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 of the 3 shards" in err and "missing1.tar" in err and "missing2.tar" in err
+    assert_short(err)
+    assert not work.exists()
+
+
+def test_failed_shards_are_listed_in_the_summary(trained, tmp_path):
+    import tarfile
+
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(trained["demo"] / "train", shard_dir)
+    with tarfile.open(shard_dir / "empty.tar", "w"):
+        pass
+    work = tmp_path / "w"
+    cfg = config_lib.apply_overrides(load_cfg(trained["config"]), [
+        "demo.enabled=False", f"data.shards={shard_dir}/{{00000,00001,empty}}.tar",
+        f"data.tokenizer.path={trained['demo'] / 'tokenizer'}", "data.max_bad_shard_fraction=0.5",
+        "total_steps=8", "data.epoch_size=96"])  # 128 samples: every shard read
+    with pytest.warns(UserWarning, match="empty.tar: empty_shard"):
+        train_lib.train(cfg, str(work), progress=False)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["data"]["bad_shards"] == {str(shard_dir / "empty.tar"): {
+        "reason": "empty_shard", "detail": "the shard holds no sample (no member named KEY.EXT)"}}
+    with pytest.raises(train_lib.TrainingError, match=r"1 of 3 shards failed .*empty\.tar \(empty_shard\)"):
+        with pytest.warns(UserWarning):
+            train_lib.train(config_lib.apply_overrides(cfg, ["data.max_bad_shard_fraction=0.01"]),
+                            str(tmp_path / "w2"), progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
 # The run lock
 
 
