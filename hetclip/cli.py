@@ -29,8 +29,8 @@ def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> 
     debug = "--debug" in argv or os.environ.get("HETCLIP_DEBUG", "") not in ("", "0")
     try:
         status = body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - sorted into expected errors and bugs below
         if debug or not is_expected(e):

@@ -499,6 +499,8 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
         """Read the device-side guard (a few bytes): raise naming the first non-finite step."""
         _check_guard(jax.device_get(guard))
 
+    saved = {"step": start_step or None}  # the newest checkpoint step (saved here or resumed from)
+
     def save(step):
         check()  # nothing non-finite is ever saved
         scale = float(jax.device_get(logit_scale(state["params"])))
@@ -507,6 +509,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                                 "the last good checkpoint is untouched; lower the learning rate")
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], rng=rng,
                   data_state=data_pos, meta=meta)
+        saved["step"] = step
 
     summary = {"workdir": workdir, "start_step": start_step, "total_steps": run.total_steps}
     step = start_step
@@ -556,8 +559,11 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                     check()
                     last_eval = evaluate(run, state["params"], step, writer, bar)
                 if stop.signal is not None:
-                    bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
-                    save(step)
+                    if saved["step"] != step:  # this step may just have been saved by the periodic save
+                        bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
+                        save(step)
+                    else:
+                        bar.write(f"signal {stop.signal} received: stopping at step {step} (its checkpoint is saved)")
                     ckpt.wait()
                     summary.update(stopped_by_signal=int(stop.signal), step=step)
                     return summary
@@ -565,15 +571,19 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                 save(step)
             ckpt.wait()
     finally:
-        failing = sys.exc_info()[0] is not None
+        failing = sys.exc_info()[0]
         feed.close()
         bar.close()
         data.close()
         try:
             ckpt.close()
         except ckpt_lib.CheckpointError:
-            if not failing:  # else the error already under way is the one to report
+            if failing is None:  # else the error already under way is the one to report
                 raise
+        if failing is not None and issubclass(failing, KeyboardInterrupt):  # a second signal: no save
+            raise KeyboardInterrupt(f"stopped at step {step} without saving; " + (
+                "nothing was saved (no checkpoint yet)" if saved["step"] is None
+                else f"the newest checkpoint is step {saved['step']}")) from None
     summary["step"] = step
     summary["data"] = data.stats()
     if step >= run.total_steps:

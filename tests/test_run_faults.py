@@ -340,6 +340,46 @@ def test_failed_shards_are_listed_in_the_summary(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Signals
+
+
+def _signal_after(monkeypatch, cls, method, when, times=1):
+    """Make ``cls.method`` send this process SIGINT ``times`` times after the call where ``when(args)``."""
+    original = getattr(cls, method)
+
+    def wrapped(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if when(args):
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(cls, method, wrapped)
+
+
+def test_ctrl_c_on_a_checkpoint_step_stops_with_130_and_no_error(trained, tmp_path, capsys, monkeypatch):
+    _signal_after(monkeypatch, ckpt_lib.Checkpointer, "save", lambda args: args[0] == 2)
+    work = tmp_path / "w"
+    rc = train_lib.main(["--config", trained["config"], "--workdir", str(work), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 130 and "error" not in err, err[-3000:]
+    assert "stopping at step 2 (its checkpoint is saved)" in out
+    assert ckpt_lib.Checkpointer(str(work / "checkpoints")).steps() == [2]
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_nothing_was_saved(trained, tmp_path, capsys, monkeypatch):
+    from hetclip import runlog
+
+    _signal_after(monkeypatch, runlog.MetricsWriter, "write", lambda args: args[0] == 1, times=2)
+    work = tmp_path / "w"
+    rc = train_lib.main(["--config", trained["config"], "--workdir", str(work), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "hetclip-train: interrupted: stopped at step 1 without saving; nothing was saved" in err
+    assert_short(err)
+    assert not (work / "checkpoints").exists() or not os.listdir(work / "checkpoints")
+
+
+# --------------------------------------------------------------------------------------------------
 # The run lock
 
 
