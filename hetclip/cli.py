@@ -6,11 +6,14 @@ re-executes.
 
 Every ``main`` returns an exit status through ``guarded``: 0 on success, 2 for an expected error
 (bad input, config, checkpoint, disk), printed as one message that names the file, key or step;
-a traceback only for a bug, or with ``--debug`` / ``HETCLIP_DEBUG=1``.
+a traceback only for a bug, or with ``--debug`` / ``HETCLIP_DEBUG=1``. ``guarded`` also sets up the
+command's log output (``configure_logging``: hetclip's INFO lines in ``LOG_FORMAT``; ``--quiet``,
+``--verbose`` where a command has them).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -27,6 +30,7 @@ def is_expected(e: BaseException) -> bool:
 def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> int:
     """Run ``body`` and turn its outcome into an exit status (see the module docstring)."""
     debug = "--debug" in argv or os.environ.get("HETCLIP_DEBUG", "") not in ("", "0")
+    configure_logging("quiet" if "--quiet" in argv else "verbose" if "--verbose" in argv else "info")
     try:
         status = body()
     except KeyboardInterrupt as e:
@@ -38,6 +42,38 @@ def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> 
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Threshold(logging.Filter):
+    """hetclip's records from ``level`` up; other libraries' from WARNING (absl, i.e. orbax: ERROR) unless
+    ``level`` is DEBUG (``--verbose``: everything from INFO up, hetclip's from DEBUG)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name == "hetclip" or name.startswith("hetclip."):
+            return record.levelno >= self.level
+        if self.level <= logging.DEBUG:
+            return record.levelno >= logging.INFO
+        return record.levelno >= (logging.ERROR if name == "absl" or name.startswith("absl.") else logging.WARNING)
+
+
+def configure_logging(verbosity: str = "info") -> None:
+    """The log output of a command (``verbosity``: ``quiet``, ``info`` or ``verbose``), on stderr in
+    ``LOG_FORMAT``. Replaces whatever handlers the root logger already has: importing orbax lets absl
+    call ``logging.basicConfig`` at WARNING first, which would leave hetclip's INFO records unseen."""
+    level = {"quiet": logging.WARNING, "info": logging.INFO, "verbose": logging.DEBUG}[verbosity]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_Threshold(level))
+    logging.basicConfig(level=min(level, logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("absl").setLevel(logging.INFO if level <= logging.DEBUG else logging.ERROR)
 
 
 def _tool(module: str, function: str = "main") -> Callable[[], int]:

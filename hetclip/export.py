@@ -414,7 +414,6 @@ def _run(argv: Sequence[str]) -> int:
                    help="stablehlo: comma-separated lowering platforms, e.g. cpu,cuda,tpu (default: this machine's)")
     args = p.parse_args(argv)
     platforms = [x.strip() for x in args.platforms.split(",") if x.strip()] if args.platforms else None
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step,
                             platforms=platforms)
     print(f"hetclip-export: wrote {args.format} export to {out}")

@@ -699,6 +699,9 @@ def parse(argv: list[str]):
                         help="run as one process even inside a SLURM step, mpirun or a TPU pod")
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="log warnings and errors only (no INFO lines)")
+    loud.add_argument("--verbose", action="store_true", help="log DEBUG lines, and other libraries' INFO (orbax)")
     args = parser.parse_args(rest)
     if spec is None:
         parser.error("--config is required (a config file or one of the recipes: "
@@ -714,8 +717,6 @@ def main(argv: list[str] | None = None) -> int:
     from hetclip.cli import guarded as with_exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
     def body() -> int:
         cfg, workdir, args = parse(argv)

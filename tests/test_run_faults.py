@@ -340,6 +340,48 @@ def test_failed_shards_are_listed_in_the_summary(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Log output
+
+
+LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} %s hetclip\.%s: %s$"
+
+
+def test_info_lines_reach_the_user_in_the_trainers_format(trained, tmp_path, capsys):
+    import re
+
+    assert logging.getLogger().handlers  # importing orbax left a WARNING handler on the root logger
+    cfg_path = write_config(tmp_path / "cfg.py", trained["demo"], steps=4, every=2, synthetic=True)
+    args = ["--config", cfg_path, "--workdir", str(tmp_path / "w"), "--no-progress"]
+    assert train_lib.main(args + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_lib.main(args + ["--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(LOG_LINE % ("INFO", "train", r"resumed from \S+ at step 2"), err, re.M), err[-2000:]
+    assert train_lib.main(args + ["--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert " INFO " not in err and "resumed" not in err, err[-2000:]
+
+
+def test_log_levels_and_other_libraries(capsys):
+    import re
+
+    from hetclip.cli import configure_logging
+
+    for verbosity in ("info", "quiet", "verbose"):
+        configure_logging(verbosity)
+        logging.getLogger("hetclip.workdir").info("took over the lock")
+        logging.getLogger("hetclip.train").warning("a warning")
+        logging.getLogger("hetclip.train").debug("a detail")
+        logging.getLogger("absl").info("orbax chatter")
+        logging.getLogger("absl").warning("orbax warning")
+        err = capsys.readouterr().err
+        assert re.search(LOG_LINE % ("WARNING", "train", "a warning"), err, re.M), err
+        assert ("took over the lock" in err) == (verbosity != "quiet")
+        assert ("a detail" in err) == ("orbax chatter" in err) == ("orbax warning" in err) == (verbosity == "verbose")
+    configure_logging("info")
+
+
+# --------------------------------------------------------------------------------------------------
 # Signals
 
 
