@@ -47,8 +47,13 @@ def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# orbax logs through absl, and its failed background writes through asyncio; hetclip reports each such
+# failure itself (``checkpoint.CheckpointError``), so their records show with ``--verbose`` only.
+_ONLY_VERBOSE = ("absl", "asyncio")
+
+
 class _Threshold(logging.Filter):
-    """hetclip's records from ``level`` up; other libraries' from WARNING (absl, i.e. orbax: ERROR) unless
+    """hetclip's records from ``level`` up; other libraries' from WARNING (``_ONLY_VERBOSE``: none) unless
     ``level`` is DEBUG (``--verbose``: everything from INFO up, hetclip's from DEBUG)."""
 
     def __init__(self, level: int):
@@ -61,7 +66,9 @@ class _Threshold(logging.Filter):
             return record.levelno >= self.level
         if self.level <= logging.DEBUG:
             return record.levelno >= logging.INFO
-        return record.levelno >= (logging.ERROR if name == "absl" or name.startswith("absl.") else logging.WARNING)
+        if name.split(".")[0] in _ONLY_VERBOSE:
+            return False
+        return record.levelno >= logging.WARNING
 
 
 def configure_logging(verbosity: str = "info") -> None:
@@ -73,7 +80,7 @@ def configure_logging(verbosity: str = "info") -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.addFilter(_Threshold(level))
     logging.basicConfig(level=min(level, logging.INFO), handlers=[handler], force=True)
-    logging.getLogger("absl").setLevel(logging.INFO if level <= logging.DEBUG else logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.INFO if level <= logging.DEBUG else logging.ERROR)  # the rest unmade
 
 
 def _tool(module: str, function: str = "main") -> Callable[[], int]:
