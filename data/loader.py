@@ -319,10 +319,17 @@ class Ledger:
             raise TooManyBadSamples(
                 f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
                 f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
-                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
+                f"{ex.get('message')}. {_advice(str(ex.get('shard')))}")
         if final and self.samples_ok == 0 and self.skipped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
             raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+
+
+def _advice(where: str) -> str:
+    """What to do about skipped samples: shards have a checker; a class folder's files are looked at directly."""
+    if where.endswith(".tar") or where.startswith("pipe:") or "://" in where:
+        return "Check the shards with `hetclip-shards check`."
+    return "Check or remove the image files named (raise max_bad_fraction to skip them)."
 
 
 class Closing:

@@ -432,8 +432,9 @@ class TrainLoader(Closing):
             how = f"exited with status {code}"
         self.close()
         raise DataWorkerError(
-            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} while reading "
-            f"{'shard ' + shard if shard else 'no shard'}; stopping (checkpoints already written are intact)")
+            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} "
+            f"{'while reading shard ' + shard if shard else 'before it opened a shard'}; stopping "
+            "(checkpoints already written are intact)")
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
@@ -455,8 +456,8 @@ class TrainLoader(Closing):
             self._read += out["read"]
             ended = ended or out["end"]
         try:
-            self._ledger.check(final=ended)
             error = next((o["error"] for o in outs if o.get("error")), None)
+            self._ledger.check(final=ended and not error)  # the shard limit first, then the worker's own error
             if error:
                 raise NoSamples(error)
         except Exception:

@@ -240,8 +240,11 @@ def validate(cfg) -> None:
         node = cfg
         for part in key.split("."):
             node = node[part]
-        if node < low:
+        if not node >= low:  # NaN fails too
             raise config_lib.ConfigError(f"config {key}={node} must be >= {low}{meaning}")
+    for key, value in cfg.optim.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise config_lib.ConfigError(f"config optim.{key}={value} must be a finite number")
     if cfg.total_steps == 0 and not cfg.total_samples > 0:
         raise config_lib.ConfigError(f"config total_samples={cfg.total_samples} must be > 0 when total_steps=0")
 
@@ -489,7 +492,8 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
     data_pos = data.state()  # the loader position of the last batch a step consumed
-    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
+    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True),
+                                  resume_step=start_step)
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     bar = runlog.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)

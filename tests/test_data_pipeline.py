@@ -460,6 +460,16 @@ def test_a_killed_worker_ends_iteration_naming_worker_and_shard(shard_set):
         next(loader)
 
 
+def test_a_worker_killed_before_reading_says_so(shard_set):
+    loader = make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0, num_workers=2)
+    os.kill(loader.worker_pids[1], signal.SIGKILL)  # still starting: no shard opened yet
+    with pytest.raises(DataWorkerError, match=r"data worker 1 .* was killed by SIGKILL (before it opened a shard|"
+                                              r"while reading shard \S+\.tar); stopping") as err:
+        for _ in range(20):
+            next(loader)
+    assert "no shard" not in str(err.value)
+
+
 def test_workers_leave_sigint_and_sigterm_to_the_parent(shard_set):
     with make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0,
                            num_workers=1) as loader:
@@ -557,6 +567,44 @@ def _damaged_set(tmp_path):
     with tarfile.open(tmp_path / "00003.tar", "w"):
         pass
     return str(tmp_path / "{00000..00005}.tar")
+
+
+def _png_header(w, h):
+    """A PNG whose header claims ``w`` x ``h`` pixels (opening reads the header only)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_max_pixels_is_the_one_pixel_limit():
+    big = _png_header(20_000, 20_000)  # 400 Mpx: over twice Pillow's own limit (an error there)
+    assert decode.open_image(big, max_pixels=500_000_000).size == (20_000, 20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning from 179 Mpx up
+        assert decode.open_image(_png_header(15_000, 15_000)).size == (15_000, 15_000)  # 225 Mpx < 2**28
+    with pytest.raises(decode.DecodeError, match=r"400000000 pixels exceeds the limit of 268435456"):
+        decode.open_image(big)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
+
+
+def test_an_undecodable_folder_image_is_named_plainly(tmp_path):
+    from hetclip.zero_shot import datasets as ds
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / c / "0.png")
+    (tmp_path / "a" / "bad.png").write_bytes(b"not an image")
+    with pytest.warns(BadSampleWarning):
+        with pytest.raises(TooManyBadSamples) as err:
+            list(ds.eval_batches(ds.ImageFolder(str(tmp_path)), 8, 8, workers=0))
+    msg = str(err.value)
+    assert "bad.png" in msg and "cannot identify image: not in a format Pillow reads" in msg
+    assert "object at 0x" not in msg and "hetclip-shards" not in msg and "Check or remove the image files" in msg
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])

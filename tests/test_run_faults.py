@@ -248,6 +248,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(trained, tmp_
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint step 4" in warning and os.path.join("4", item) in warning and "resuming from step 2" in warning
     assert os.path.isdir(os.path.join(run, "damaged_checkpoints", "4", item))  # kept, not deleted
+    rows = [r["step"] for r in metrics(run) if "loss" in r]
+    assert rows == [1, 2, 3, 4]  # the rows of steps 3-4 written before the fallback were replaced, not kept twice
     resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
     assert resumed[3] == pytest.approx(straight[3], rel=1e-5) and resumed[4] == pytest.approx(straight[4], rel=1e-5)
 
@@ -271,6 +273,8 @@ def test_no_intact_checkpoint_is_an_error_that_moves_nothing(trained, tmp_path):
     ("total_steps=-5", "total_steps=-5 must be >= 0"),
     ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1 must be >= 0"),
     ("log_every=0", "log_every=0 must be >= 1"),
+    ("optim.lr=nan", "optim.lr=nan must be >= 0"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf must be a finite number"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(trained, tmp_path, override, match, capsys):
     work = tmp_path / "w"
@@ -516,3 +520,19 @@ def test_disk_full_stops_at_the_failed_save_and_keeps_earlier_steps(trained, tmp
             ckpt_lib.load_params(str(work), step)  # every kept step intact
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_metrics_rows_of_steps_run_again_are_replaced(tmp_path):
+    from hetclip import runlog
+
+    w = runlog.MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3, 4):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a row cut by a kill
+    w = runlog.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)  # resumed from the step-2 checkpoint
+    for step in (3, 4):
+        w.write(step, {"loss": 10.0 + step})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
