@@ -250,9 +250,26 @@ def validate(cfg) -> None:
 
 
 def _prepare_demo(cfg) -> ml_collections.ConfigDict:
-    """Generate the built-in demo data if asked for and point the data/eval settings at it."""
+    """Generate the built-in demo data if asked for and point the data/eval settings at it.
+
+    A config that names its own ``data.shards`` keeps them: the demo recipe's model and schedule train on
+    them, no demo data is generated and the demo's zero-shot tasks are not added (the config's own
+    ``eval.tasks`` run); the returned config says ``demo.enabled=False``. Its ``data.tokenizer.path`` must
+    be named too (the demo tokenizer knows only the demo captions)."""
     if not cfg.get("demo") or not cfg.demo.get("enabled", False):
         return cfg
+    if cfg.data.get("shards"):
+        if not cfg.data.tokenizer.get("path"):
+            raise config_lib.ConfigError(
+                "data.shards names your own data but data.tokenizer.path is empty: train a tokenizer on its "
+                "captions (hetclip-train-bpe) and pass --config.data.tokenizer.path=DIR")
+        if dist.is_main_process():
+            log.info("data.shards is given: training on %s, without generating the demo data or adding its "
+                     "zero-shot tasks (%d eval task(s) configured)", cfg.data.shards, len(cfg.eval.tasks))
+        out = ml_collections.ConfigDict(cfg.to_dict())
+        out.demo.enabled = False
+        out.lock()
+        return out
     from hetclip.data import demo
 
     root = os.path.abspath(os.path.expanduser(cfg.demo.dir or "demo_data"))
@@ -295,8 +312,7 @@ def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
     Nothing is written to ``workdir`` before the config, the model, the mesh and the schedule are
     known to be usable; on success the caller owns ``run.lock`` (main process only)."""
     validate(cfg)
-    user_cfg = cfg
-    cfg = _prepare_demo(cfg)
+    cfg = _prepare_demo(cfg)  # the config the run reads from here on: what config.json and checkpoints record
     from hetclip.data.tokenizers import load_tokenizer
 
     if not cfg.data.get("synthetic", False):
@@ -324,7 +340,7 @@ def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.RunLock(workdir).acquire() if main else None
     try:
-        workdir_lib.save_or_check_config(json.loads(config_lib.to_json(user_cfg)), workdir, allow_config_change,
+        workdir_lib.save_or_check_config(json.loads(config_lib.to_json(cfg)), workdir, allow_config_change,
                                          write=main)
         load_spec, stored_spec = workdir_lib.persist_tokenizer(dict(tokenizer.spec()), workdir, copy=main)
         dist.barrier("tokenizer-copy")
