@@ -54,7 +54,8 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
         caption_key="txt",
         crop_scale=(0.9, 1.0),
         shuffle_buffer=10_000,
-        max_bad_fraction=0.01,
+        max_bad_fraction=0.01,  # of the samples read: undecodable, no caption ...
+        max_bad_shard_fraction=0.01,  # of the shards: unreadable, truncated or empty (listed in summary.json)
         num_workers=2,  # data worker processes per host; batches depend on it (a resume needs the same count)
         epochs=1000,
         synthetic=False,

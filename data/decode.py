@@ -6,8 +6,8 @@
   transparent colour) are **composited on white** (configurable ``background``): dropping alpha would
   expose whatever colour the encoder stored under transparent pixels (often black), while white is
   what a viewer shows for a logo or product photo. Anything else raises ``DecodeError``.
-* Decompression bombs: ``max_pixels`` (default 2**28 ~ 268 Mpx, the size of Pillow's own error
-  threshold) is checked on the header before any pixel is decoded.
+* Decompression bombs: ``max_pixels`` (default 2**28 ~ 268 Mpx) is checked on the header before any
+  pixel is decoded; it replaces Pillow's own limit (``Image.MAX_IMAGE_PIXELS``, lifted while opening).
 * ``train_transform``: random resized crop (area scale range default (0.9, 1.0), aspect ratio
   (3/4, 4/3), bicubic). The default follows open_clip's CLIP recipe: at web scale the captions, not
   heavy cropping, provide the variety, and small crops often cut away what the caption describes.
@@ -35,10 +35,11 @@ import io
 import math
 import os
 import random
+import threading
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # libjpeg-turbo with its own wheel (Linux, macOS, Windows); Pillow is the fallback
     import simplejpeg as _simplejpeg
@@ -67,14 +68,26 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open_without_pillow_limit(fp) -> Image.Image:
+    """``Image.open`` with Pillow's own pixel limit (``Image.MAX_IMAGE_PIXELS``, a module global read while
+    opening) lifted for this call only: ``max_pixels`` is the one limit."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_image(src: bytes | str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) and check the pixel count; pixels are decoded later, lazily."""
     try:
-        # Pillow's own bomb check is replaced by ours (configurable, checked before decoding).
-        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
-        img.MAX_IMAGE_PIXELS = None
-    except Image.DecompressionBombError as e:
-        raise DecodeError("bomb", str(e)) from None
+        img = _open_without_pillow_limit(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src)
+    except UnidentifiedImageError:
+        raise DecodeError("corrupt_image", "cannot identify image: not in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeError("corrupt_image", f"cannot identify image: {e}") from None
     w, h = img.size

@@ -13,11 +13,14 @@ Evaluation loaders are read once (no ``state()``).
 
 Bad input: a sample without image or caption, with an empty caption, an undecodable image, an
 image over the pixel limit or in an unconvertible mode is skipped; so is the rest of a truncated or
-unreadable shard. Each is counted by reason, named in a ``BadSampleWarning`` (shard URL and key; the
-first ``warn_limit`` of each reason) and listed in ``stats()`` (``Ledger``, in the main process; the
-training workers report what they skipped with every sub-batch). More than ``max_bad_fraction`` of
-skipped samples (checked once ``bad_check_after`` samples were seen, and at the end of the data)
-raises ``TooManyBadSamples``.
+unreadable shard, and a shard without samples. Each is counted by reason, named in a
+``BadSampleWarning`` (shard URL and key; the first ``warn_limit`` of each reason) and listed in
+``stats()`` (``Ledger``, in the main process; the training workers report what they skipped with
+every sub-batch; failed shards by URL in ``bad_shards``). More than ``max_bad_fraction`` of skipped
+samples (checked once ``bad_check_after`` samples were seen, and at the end of the data) raises
+``TooManyBadSamples``; so do failed shards (distinct URLs) over ``max_bad_shard_fraction`` of the
+shards a training process reads (checked at every batch). Local shards that do not exist are
+refused before any reading (``shards.expand_pattern``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import numpy as np
 from hetclip.suggest import did_you_mean
 
 from . import decode
-from .shards import IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_size, hash_words, parse_sources
+from .shards import (IMAGE_EXTS, ShardError, ShardFailure, SampleStream, epoch_size, hash_words, name_list,
+                     parse_sources)
 
 LOADER_STATE_VERSION = 1  # the single-stream state format (``workers.TrainLoader`` still reads it)
 
@@ -56,6 +60,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "background": decode.WHITE,
     "max_bad_fraction": 0.01,
     "bad_check_after": 1000,
+    "max_bad_shard_fraction": 0.01,  # of the process's shards: unreadable, truncated or empty
     "epochs": None,             # None: repeat forever
     "prefetch": 2,              # batches decoded ahead (shared-memory slots)
     "warn_limit": 20,
@@ -80,7 +85,7 @@ class BadSampleWarning(UserWarning):
 
 
 class TooManyBadSamples(RuntimeError):
-    """Skipped samples exceed ``max_bad_fraction``."""
+    """Skipped samples exceed ``max_bad_fraction`` (or failed shards ``max_bad_shard_fraction``)."""
 
 
 # ----------------------------------------------------------------------------- spec handling
@@ -262,12 +267,15 @@ class Ledger:
     Lives in the main process; workers report what they skipped (reason, shard, key, message).
     """
 
-    def __init__(self, cfg: dict, d: dict | None = None):
+    def __init__(self, cfg: dict, d: dict | None = None, *, shards: int | None = None):
         d = d or {}
         self._cfg = cfg
+        self._shards = shards  # the shards this process reads (the denominator of max_bad_shard_fraction)
         self.samples_ok = int(d.get("samples_ok", 0))
         self.skipped: collections.Counter = collections.Counter(d.get("skipped", {}))
         self.batches = int(d.get("batches", 0))
+        # {url: {"reason", "detail"}} of every shard that could not be read to its end (or held nothing)
+        self.bad_shards: dict[str, dict] = dict(d.get("bad_shards", {}))
         self.examples: collections.deque = collections.deque(maxlen=50)
         self._warned: collections.Counter = collections.Counter()
 
@@ -276,10 +284,13 @@ class Ledger:
         return sum(v for k, v in self.skipped.items() if not k.endswith("_shard"))
 
     def to_dict(self) -> dict:
-        return {"samples_ok": self.samples_ok, "skipped": dict(self.skipped), "batches": self.batches}
+        return {"samples_ok": self.samples_ok, "skipped": dict(self.skipped), "batches": self.batches,
+                "bad_shards": dict(self.bad_shards)}
 
     def bad(self, reason: str, url: str, key: str | None, msg: str) -> None:
         """Count one skipped sample (``key`` given) or shard (``key`` None) and warn (``warn_limit``)."""
+        if key is None:
+            self.bad_shards.setdefault(url, {"reason": reason, "detail": msg})
         self.skipped[reason] += 1
         self.examples.append({"reason": reason, "shard": url, "key": key, "message": msg})
         self._warned[reason] += 1
@@ -291,6 +302,14 @@ class Ledger:
 
     def check(self, *, final: bool) -> None:
         """Raise ``TooManyBadSamples`` when the skipped fraction is over the limit (or nothing was usable)."""
+        limit = self._cfg.get("max_bad_shard_fraction")
+        if self._shards and limit is not None and len(self.bad_shards) > float(limit) * self._shards:
+            n = len(self.bad_shards)
+            listed = name_list([f"{u} ({v['reason']})" for u, v in self.bad_shards.items()])
+            raise TooManyBadSamples(
+                f"{n} of {self._shards} shards failed ({n / self._shards:.1%} > max_bad_shard_fraction "
+                f"{float(limit):.1%}): {listed}. Check them with `hetclip-shards check`, then rewrite or remove "
+                "them, or raise data.max_bad_shard_fraction")
         bad = self.bad_samples
         seen = bad + self.samples_ok
         frac = float(self._cfg["max_bad_fraction"])
@@ -300,10 +319,17 @@ class Ledger:
             raise TooManyBadSamples(
                 f"{bad} of {seen} samples skipped ({bad / seen:.1%} > max_bad_fraction {frac:.1%}); "
                 f"by reason: {reasons}; last: {ex.get('reason')} in {ex.get('shard')} key {ex.get('key')!r}: "
-                f"{ex.get('message')}. Check the shards with `hetclip-shards check`.")
+                f"{ex.get('message')}. {_advice(str(ex.get('shard')))}")
         if final and self.samples_ok == 0 and self.skipped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
             raise TooManyBadSamples(f"no usable sample: all input was skipped ({reasons})")
+
+
+def _advice(where: str) -> str:
+    """What to do about skipped samples: shards have a checker; a class folder's files are looked at directly."""
+    if where.endswith(".tar") or where.startswith("pipe:") or "://" in where:
+        return "Check the shards with `hetclip-shards check`."
+    return "Check or remove the image files named (raise max_bad_fraction to skip them)."
 
 
 class Closing:

@@ -44,12 +44,17 @@ import braceexpand
 # files of class folders alike).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "jpe", "bmp", "gif", "tif", "tiff", "ppm")
 STATE_VERSION = 1
+EMPTY_SHARD = "the shard holds no sample (no member named KEY.EXT)"
 
 _MASK64 = (1 << 64) - 1
 
 
 class ShardError(ValueError):
     """A shard specification or shard set that cannot be used (names the pattern or file)."""
+
+
+class NoSamples(ShardError):
+    """A stream's whole share of an epoch's shards failed or was empty (the message lists them)."""
 
 
 class ShardReadError(IOError):
@@ -121,7 +126,17 @@ def expand_pattern(pattern: str, *, check_exists: bool = True) -> list[str]:
         if not urls or (local and not any(os.path.isfile(u) for u in local)):
             first = f" (first expansion: {urls[0]!r})" if urls else ""
             raise ShardError(f"shard pattern {pattern!r} matched no files{first}")
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing:
+            raise ShardError(f"{len(missing)} of the {len(urls)} shards of {pattern!r} do not exist: "
+                             f"{name_list(missing)}")
     return urls
+
+
+def name_list(names: Sequence[str], limit: int = 20) -> str:
+    """``a, b, c`` (the first ``limit`` names, then how many more): shard lists in one-line messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _parse_weights(weights: Any, n: int) -> list[float]:
@@ -425,6 +440,10 @@ class SampleStream:
                 sample = next(self._reader)
             except StopIteration:
                 self._reader, self._done = None, True
+                if self._offset == 0:  # read to its end without one sample: a shard failure too
+                    url = self._visits[self._visit]
+                    self._failures.append(f"{url}: empty_shard: {EMPTY_SHARD}")
+                    return ShardFailure(url, "empty_shard", EMPTY_SHARD)
                 continue
             except ShardReadError as e:
                 self._reader, self._done = None, True
@@ -472,7 +491,7 @@ class SampleStream:
                 self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
                 return self._emit(self._buffer.pop())
             if self._epoch_samples == 0 and not self._any_sample_ever:
-                raise ShardError(
+                raise NoSamples(
                     f"epoch {self.epoch}: no sample could be read from the {len(self._visits)} shard(s) "
                     f"of process {self.pi}{f' worker {self.wi}' if self.wc > 1 else ''}: "
                     + "; ".join(self._failures[:5] or [f"{self._visits[0]}: empty"]))

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 from . import decode
 from . import folders
 from .loader import extract_caption
-from .shards import IMAGE_EXTS, ShardError, ShardReadError, expand_pattern, iter_shard, read_sizes
+from .shards import EMPTY_SHARD, IMAGE_EXTS, ShardError, ShardReadError, expand_pattern, iter_shard, read_sizes
 
 _KEEP_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 _IMAGE_COLS = ("filepath", "image", "file", "path", "filename", "url")
@@ -238,6 +238,9 @@ def inspect_shards(pattern: str, *, caption_key: str = "txt", decode_images: boo
                     problems.append({"shard": url, "key": key, "reason": reason, "message": msg})
         except ShardReadError as e:
             problems.append({"shard": url, "key": None, "reason": e.reason, "message": e.detail})
+        else:
+            if n == 0:
+                problems.append({"shard": url, "key": None, "reason": "empty_shard", "message": EMPTY_SHARD})
         report["samples"] += n
         report["per_shard"][url] = n
         if url in sizes and sizes[url] != n:

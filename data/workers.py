@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from .loader import LOADER_STATE_VERSION as _V1, Closing, Ledger, _process, _train_items
-from .shards import SampleStream, ShardError, Source, process_visits
+from .shards import NoSamples, SampleStream, ShardError, Source, process_visits
 
 log = logging.getLogger("hetclip.data")
 
@@ -171,7 +171,8 @@ class Producer:
         """Fill ``images`` [n, H, W, 3] and ``text`` [n, L] with the next ``n`` usable samples.
 
         Returns ``{"end", "ok", "read", "bad": [(reason, url, key, message)], "state"}``; with ``end``
-        the data ran out before ``n`` samples (``state`` is then None).
+        the data ran out before ``n`` samples (``state`` is then None); ``"error"`` (with ``end``): every
+        shard of this worker's epoch failed (``shards.NoSamples``; raised by the caller after counting).
         """
         n = images.shape[0]
         filled, read, bad, captions = 0, 0, [], []
@@ -181,6 +182,8 @@ class Producer:
                 it = next(self.items)
             except StopIteration:
                 return {"end": True, "ok": filled, "read": read, "bad": bad, "state": None}
+            except NoSamples as e:  # raised after the failures it names were counted: the limits speak first
+                return {"end": True, "ok": filled, "read": read, "bad": bad, "state": None, "error": str(e)}
             read += 1
             current = self.stream.current_shard
             if on_shard is not None and current is not None and current != shard:
@@ -331,8 +334,8 @@ class TrainLoader(Closing):
         self._slots: SharedSlots | None = None
         self._producer: Producer | None = None
         self.batch_size, self.process_index = int(batch_size), int(process_index)
-        visits = len(process_visits(sources, seed, 0, process_index, process_count,
-                                    shuffle=bool(cfg["shuffle_shards"])))
+        mine = process_visits(sources, seed, 0, process_index, process_count, shuffle=bool(cfg["shuffle_shards"]))
+        visits = len(mine)
         workers = max(1, int(num_workers))
         if workers > min(visits, batch_size):
             log.warning("data.num_workers=%d but process %d has %d shard visit(s) per epoch and a batch of %d: "
@@ -342,7 +345,8 @@ class TrainLoader(Closing):
         self.num_workers = workers
         self.inline = num_workers == 0
         streams, skip, stats = _parse_state(state, workers, num_workers)
-        self._ledger = Ledger(cfg, stats)
+        # a process's share of the shards: its visits of the first epoch (the set is split, not sampled)
+        self._ledger = Ledger(cfg, stats, shards=len(set(mine)))
         self._streams: list = list(streams)
         self._skip = skip  # items worker 0 still skips (a restored single-stream state), until a batch
         self._rows = split_rows(batch_size, workers)
@@ -428,8 +432,9 @@ class TrainLoader(Closing):
             how = f"exited with status {code}"
         self.close()
         raise DataWorkerError(
-            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} while reading "
-            f"{'shard ' + shard if shard else 'no shard'}; stopping (checkpoints already written are intact)")
+            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} "
+            f"{'while reading shard ' + shard if shard else 'before it opened a shard'}; stopping "
+            "(checkpoints already written are intact)")
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
@@ -451,7 +456,10 @@ class TrainLoader(Closing):
             self._read += out["read"]
             ended = ended or out["end"]
         try:
-            self._ledger.check(final=ended)
+            error = next((o["error"] for o in outs if o.get("error")), None)
+            self._ledger.check(final=ended and not error)  # the shard limit first, then the worker's own error
+            if error:
+                raise NoSamples(error)
         except Exception:
             self.close()
             raise

@@ -24,6 +24,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 from typing import Any
 
 import jax
@@ -100,6 +102,7 @@ def json_digest(obj) -> str:
 
 def _manager(directory: str, keep: int | None = None, async_save: bool = True,
              read_only: bool = False) -> ocp.CheckpointManager:
+    _install_unraisable_filter()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
@@ -109,6 +112,55 @@ def _manager(directory: str, keep: int | None = None, async_save: bool = True,
 def _short(e: BaseException, limit: int = 400) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _os_reason(e: BaseException) -> str | None:
+    """The operating system's reason behind a failed write (``No space left on device``), from an
+    ``OSError`` in the exception chain or tensorstore's ``[os_error_code=N]`` text; None if there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno)
+        m = re.search(r"os_error_code='?(\d+)", str(e))
+        if m:
+            return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _save_failed(step, directory: str, e: BaseException) -> CheckpointError:
+    """One message for a failed save: step, directory, orbax's words (short) and the OS reason last."""
+    reason = _os_reason(e)
+    return CheckpointError(f"saving the checkpoint of step {step} in {directory} failed: {_short(e, 240)}"
+                           + (f" -- {reason}" if reason else ""))
+
+
+def _closed_loop_noise(unraisable) -> bool:
+    """orbax runs each save's writes in a fresh event loop and closes it when the first write fails; the
+    writes still pending then call back into the closed loop, and each callback's ``RuntimeError: Event
+    loop is closed`` reaches ``sys.unraisablehook`` (nothing waits for them; the failure itself is raised
+    by ``wait``/``restore``). These, and only these, are dropped."""
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.join("asyncio", "base_events.py") in tb.tb_frame.f_code.co_filename
+
+
+def _install_unraisable_filter() -> None:
+    if getattr(sys.unraisablehook, "_hetclip_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._hetclip_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -130,8 +182,9 @@ class Checkpointer:
         """Check every tensor for finiteness, digest it, and start the (asynchronous) save of ``step``.
 
         Raises ``CheckpointError`` (nothing written) for non-finite tensors, and for a failed
-        earlier asynchronous save."""
-        self.poll()
+        earlier asynchronous save (named with its own step)."""
+        if self._pending is not None:  # orbax waits for it anyway; here its failure is named with its step
+            self.wait()
         train = {"opt_state": opt_state, "step": np.asarray(step, np.int64), "rng": rng}
         reports = {"params": tree_report(params), "train": tree_report({"opt_state": opt_state, "rng": rng})}
         bad = [f"{item}/{name}" for item, r in reports.items() for name in non_finite(r)]
@@ -149,8 +202,7 @@ class Checkpointer:
                 meta=ocp.args.JsonSave(meta),
             ), force=True)
         except Exception as e:  # noqa: BLE001 - any failure to write is reported with the step and place
-            raise CheckpointError(f"saving the checkpoint of step {step} in {self.directory} failed: {_short(e)}") \
-                from e
+            raise _save_failed(step, self.directory, e) from e
         self._pending = int(step)
 
     def poll(self) -> None:
@@ -164,8 +216,7 @@ class Checkpointer:
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"saving the checkpoint of step {step} in {self.directory} failed: {_short(e)}") \
-                from e
+            raise _save_failed(step, self.directory, e) from e
 
     def restore(self, step: int, *, abstract_params, abstract_opt_state, abstract_rng) -> dict:
         """Restore and verify ``step`` into arrays with the shardings of the given abstract trees.

@@ -6,11 +6,14 @@ re-executes.
 
 Every ``main`` returns an exit status through ``guarded``: 0 on success, 2 for an expected error
 (bad input, config, checkpoint, disk), printed as one message that names the file, key or step;
-a traceback only for a bug, or with ``--debug`` / ``HETCLIP_DEBUG=1``.
+a traceback only for a bug, or with ``--debug`` / ``HETCLIP_DEBUG=1``. ``guarded`` also sets up the
+command's log output (``configure_logging``: hetclip's INFO lines in ``LOG_FORMAT``; ``--quiet``,
+``--verbose`` where a command has them).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -27,10 +30,11 @@ def is_expected(e: BaseException) -> bool:
 def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> int:
     """Run ``body`` and turn its outcome into an exit status (see the module docstring)."""
     debug = "--debug" in argv or os.environ.get("HETCLIP_DEBUG", "") not in ("", "0")
+    configure_logging("quiet" if "--quiet" in argv else "verbose" if "--verbose" in argv else "info")
     try:
         status = body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - sorted into expected errors and bugs below
         if debug or not is_expected(e):
@@ -38,6 +42,45 @@ def guarded(prog: str, body: Callable[[], object], argv: Sequence[str] = ()) -> 
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# orbax logs through absl, and its failed background writes through asyncio; hetclip reports each such
+# failure itself (``checkpoint.CheckpointError``), so their records show with ``--verbose`` only.
+_ONLY_VERBOSE = ("absl", "asyncio")
+
+
+class _Threshold(logging.Filter):
+    """hetclip's records from ``level`` up; other libraries' from WARNING (``_ONLY_VERBOSE``: none) unless
+    ``level`` is DEBUG (``--verbose``: everything from INFO up, hetclip's from DEBUG)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name == "hetclip" or name.startswith("hetclip."):
+            return record.levelno >= self.level
+        if self.level <= logging.DEBUG:
+            return record.levelno >= logging.INFO
+        if name.split(".")[0] in _ONLY_VERBOSE:
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def configure_logging(verbosity: str = "info") -> None:
+    """The log output of a command (``verbosity``: ``quiet``, ``info`` or ``verbose``), on stderr in
+    ``LOG_FORMAT``. Replaces whatever handlers the root logger already has: importing orbax lets absl
+    call ``logging.basicConfig`` at WARNING first, which would leave hetclip's INFO records unseen."""
+    level = {"quiet": logging.WARNING, "info": logging.INFO, "verbose": logging.DEBUG}[verbosity]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_Threshold(level))
+    logging.basicConfig(level=min(level, logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("absl").setLevel(logging.INFO if level <= logging.DEBUG else logging.ERROR)  # the rest unmade
 
 
 def _tool(module: str, function: str = "main") -> Callable[[], int]:

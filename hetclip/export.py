@@ -333,6 +333,9 @@ def export_stablehlo(model_cfg, params, tokenizer, preprocess, out_dir, force: b
     image_exp = jax_export.export(image_fn, **kw)(jax.ShapeDtypeStruct((batch, s, s, 3), np.float32))
     text_exp = jax_export.export(text_fn, **kw)(jax.ShapeDtypeStruct((batch, length), np.int32))
     log_scale = effective_log_scale(model_cfg, params)
+    if model_cfg.het.enabled:
+        log.warning("stablehlo export: the HET-XL noise head is not exported; the image encoder returns the "
+                    "deterministic mean embedding (--format hf keeps the head)")
     with atomic_output_dir(out_dir, force) as tmp:
         (tmp / "image_encoder.stablehlo").write_bytes(image_exp.serialize())
         (tmp / "text_encoder.stablehlo").write_bytes(text_exp.serialize())
@@ -366,6 +369,8 @@ def export_stablehlo(model_cfg, params, tokenizer, preprocess, out_dir, force: b
             "pad_token_id": tok.pad_token_id,
             "bos_token_id": tok.bos_token_id,
             "model": model_cfg.to_dict(),
+            "het_head": "not exported (the image encoder returns the mean embedding)" if model_cfg.het.enabled
+            else None,
             "usage": "jax.export.deserialize(open(file, 'rb').read()).call(x)",
         }
         (tmp / "export_spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
@@ -381,12 +386,17 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, force: bool = False, 
     from hetclip.checkpoint import load_run, run_dir
     from hetclip.workdir import check_output_dir
 
-    check_output_dir(out, run_dir(checkpoint))
-    out_path = Path(out)
-    if out_path.is_dir() and any(out_path.iterdir()) and not force:  # fail before loading anything
-        raise FileExistsError(f"--out {out!r} is not empty; pass --force to replace it")
+    # every argument is checked before anything is loaded
     if fmt == "hf" and platforms:
         raise ValueError("--platforms applies to --format stablehlo only")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no checkpoint at --checkpoint {checkpoint!r}")
+    check_output_dir(out, run_dir(checkpoint))
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise FileExistsError(f"--out {out!r} exists and is not a directory")
+    if out_path.is_dir() and any(out_path.iterdir()) and not force:
+        raise FileExistsError(f"--out {out!r} is not empty; pass --force to replace it")
     run = load_run(checkpoint, step)
     if fmt == "hf":
         return export_hf(run.model_cfg, run.params, run.tokenizer_spec, run.preprocess, out, force=force)
@@ -414,7 +424,6 @@ def _run(argv: Sequence[str]) -> int:
                    help="stablehlo: comma-separated lowering platforms, e.g. cpu,cuda,tpu (default: this machine's)")
     args = p.parse_args(argv)
     platforms = [x.strip() for x in args.platforms.split(",") if x.strip()] if args.platforms else None
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force, step=args.step,
                             platforms=platforms)
     print(f"hetclip-export: wrote {args.format} export to {out}")

@@ -17,21 +17,48 @@ def _plain(v):
     return v.item() if v.size == 1 else v.tolist()
 
 
-class MetricsWriter:
-    """``write(step, scalars)`` to ``metrics.jsonl`` and TensorBoard under ``workdir``."""
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrite the JSONL file at ``path`` without its rows for steps after ``step`` (atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write
+            continue
+    if len(keep) == len(lines):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+
+class MetricsWriter:
+    """``write(step, scalars)`` to ``metrics.jsonl`` and TensorBoard under ``workdir``.
+
+    ``resume_step``: the run resumes after this step, so the rows of later steps (written before a kill
+    or a fallback to an older checkpoint) are dropped from both: each step keeps the rows of the run that
+    reached it last."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_rows_after(path, 0 if resume_step is None else resume_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=(resume_step or 0) + 1)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:

@@ -240,16 +240,36 @@ def validate(cfg) -> None:
         node = cfg
         for part in key.split("."):
             node = node[part]
-        if node < low:
+        if not node >= low:  # NaN fails too
             raise config_lib.ConfigError(f"config {key}={node} must be >= {low}{meaning}")
+    for key, value in cfg.optim.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise config_lib.ConfigError(f"config optim.{key}={value} must be a finite number")
     if cfg.total_steps == 0 and not cfg.total_samples > 0:
         raise config_lib.ConfigError(f"config total_samples={cfg.total_samples} must be > 0 when total_steps=0")
 
 
 def _prepare_demo(cfg) -> ml_collections.ConfigDict:
-    """Generate the built-in demo data if asked for and point the data/eval settings at it."""
+    """Generate the built-in demo data if asked for and point the data/eval settings at it.
+
+    A config that names its own ``data.shards`` keeps them: the demo recipe's model and schedule train on
+    them, no demo data is generated and the demo's zero-shot tasks are not added (the config's own
+    ``eval.tasks`` run); the returned config says ``demo.enabled=False``. Its ``data.tokenizer.path`` must
+    be named too (the demo tokenizer knows only the demo captions)."""
     if not cfg.get("demo") or not cfg.demo.get("enabled", False):
         return cfg
+    if cfg.data.get("shards"):
+        if not cfg.data.tokenizer.get("path"):
+            raise config_lib.ConfigError(
+                "data.shards names your own data but data.tokenizer.path is empty: train a tokenizer on its "
+                "captions (hetclip-train-bpe) and pass --config.data.tokenizer.path=DIR")
+        if dist.is_main_process():
+            log.info("data.shards is given: training on %s, without generating the demo data or adding its "
+                     "zero-shot tasks (%d eval task(s) configured)", cfg.data.shards, len(cfg.eval.tasks))
+        out = ml_collections.ConfigDict(cfg.to_dict())
+        out.demo.enabled = False
+        out.lock()
+        return out
     from hetclip.data import demo
 
     root = os.path.abspath(os.path.expanduser(cfg.demo.dir or "demo_data"))
@@ -292,9 +312,16 @@ def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
     Nothing is written to ``workdir`` before the config, the model, the mesh and the schedule are
     known to be usable; on success the caller owns ``run.lock`` (main process only)."""
     validate(cfg)
-    user_cfg = cfg
-    cfg = _prepare_demo(cfg)
+    cfg = _prepare_demo(cfg)  # the config the run reads from here on: what config.json and checkpoints record
     from hetclip.data.tokenizers import load_tokenizer
+
+    if not cfg.data.get("synthetic", False):
+        from hetclip.data.shards import parse_sources
+
+        if not cfg.data.shards:
+            raise config_lib.ConfigError("config data.shards is empty: name the training shards (or set "
+                                         "data.synthetic=True or demo.enabled=True)")
+        parse_sources(cfg.data.shards, cfg.data.get("weights"))  # every local shard exists, all missing ones named
 
     spec = cfg.data.tokenizer.to_dict() if isinstance(cfg.data.tokenizer, ml_collections.ConfigDict) \
         else cfg.data.tokenizer
@@ -313,7 +340,7 @@ def setup(cfg, workdir: str, allow_config_change: bool = False) -> Run:
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.RunLock(workdir).acquire() if main else None
     try:
-        workdir_lib.save_or_check_config(json.loads(config_lib.to_json(user_cfg)), workdir, allow_config_change,
+        workdir_lib.save_or_check_config(json.loads(config_lib.to_json(cfg)), workdir, allow_config_change,
                                          write=main)
         load_spec, stored_spec = workdir_lib.persist_tokenizer(dict(tokenizer.spec()), workdir, copy=main)
         dist.barrier("tokenizer-copy")
@@ -481,7 +508,8 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
     loop_key = jax.random.wrap_key_data(rng)
     data = make_data(cfg, run.tokenizer, local_batch=local_batch, state=data_state)
     data_pos = data.state()  # the loader position of the last batch a step consumed
-    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True))
+    writer = runlog.MetricsWriter(workdir, enabled=main, tensorboard=cfg.get("tensorboard", True),
+                                  resume_step=start_step)
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     bar = runlog.Progress(run.total_steps, initial=start_step, enabled=main and progress)
     meta = _metadata(run)
@@ -491,6 +519,8 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
         """Read the device-side guard (a few bytes): raise naming the first non-finite step."""
         _check_guard(jax.device_get(guard))
 
+    saved = {"step": start_step or None}  # the newest checkpoint step (saved here or resumed from)
+
     def save(step):
         check()  # nothing non-finite is ever saved
         scale = float(jax.device_get(logit_scale(state["params"])))
@@ -499,6 +529,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                                 "the last good checkpoint is untouched; lower the learning rate")
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], rng=rng,
                   data_state=data_pos, meta=meta)
+        saved["step"] = step
 
     summary = {"workdir": workdir, "start_step": start_step, "total_steps": run.total_steps}
     step = start_step
@@ -548,8 +579,11 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                     check()
                     last_eval = evaluate(run, state["params"], step, writer, bar)
                 if stop.signal is not None:
-                    bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
-                    save(step)
+                    if saved["step"] != step:  # this step may just have been saved by the periodic save
+                        bar.write(f"signal {stop.signal} received: saving a checkpoint at step {step} and stopping")
+                        save(step)
+                    else:
+                        bar.write(f"signal {stop.signal} received: stopping at step {step} (its checkpoint is saved)")
                     ckpt.wait()
                     summary.update(stopped_by_signal=int(stop.signal), step=step)
                     return summary
@@ -557,15 +591,19 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                 save(step)
             ckpt.wait()
     finally:
-        failing = sys.exc_info()[0] is not None
+        failing = sys.exc_info()[0]
         feed.close()
         bar.close()
         data.close()
         try:
             ckpt.close()
         except ckpt_lib.CheckpointError:
-            if not failing:  # else the error already under way is the one to report
+            if failing is None:  # else the error already under way is the one to report
                 raise
+        if failing is not None and issubclass(failing, KeyboardInterrupt):  # a second signal: no save
+            raise KeyboardInterrupt(f"stopped at step {step} without saving; " + (
+                "nothing was saved (no checkpoint yet)" if saved["step"] is None
+                else f"the newest checkpoint is step {saved['step']}")) from None
     summary["step"] = step
     summary["data"] = data.stats()
     if step >= run.total_steps:
@@ -681,6 +719,9 @@ def parse(argv: list[str]):
                         help="run as one process even inside a SLURM step, mpirun or a TPU pod")
     parser.add_argument("--max-steps", type=int, help="stop after this step (the schedule still uses total_steps)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="log warnings and errors only (no INFO lines)")
+    loud.add_argument("--verbose", action="store_true", help="log DEBUG lines, and other libraries' INFO (orbax)")
     args = parser.parse_args(rest)
     if spec is None:
         parser.error("--config is required (a config file or one of the recipes: "
@@ -696,8 +737,6 @@ def main(argv: list[str] | None = None) -> int:
     from hetclip.cli import guarded as with_exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
     def body() -> int:
         cfg, workdir, args = parse(argv)

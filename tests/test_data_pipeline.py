@@ -460,6 +460,16 @@ def test_a_killed_worker_ends_iteration_naming_worker_and_shard(shard_set):
         next(loader)
 
 
+def test_a_worker_killed_before_reading_says_so(shard_set):
+    loader = make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0, num_workers=2)
+    os.kill(loader.worker_pids[1], signal.SIGKILL)  # still starting: no shard opened yet
+    with pytest.raises(DataWorkerError, match=r"data worker 1 .* was killed by SIGKILL (before it opened a shard|"
+                                              r"while reading shard \S+\.tar); stopping") as err:
+        for _ in range(20):
+            next(loader)
+    assert "no shard" not in str(err.value)
+
+
 def test_workers_leave_sigint_and_sigterm_to_the_parent(shard_set):
     with make_train_loader({**SPEC, "shards": shard_set}, CharTokenizer(), batch_size=4, seed=0,
                            num_workers=1) as loader:
@@ -548,30 +558,95 @@ def test_bad_samples_are_skipped_counted_and_named(tmp_path):
     assert "'000010001'" in msgs and "bomb" in msgs  # sample 9 = shard 1, index 1
 
 
-def test_truncated_unreadable_and_missing_shards(tmp_path):
-    pattern = write_set(tmp_path, n_shards=3, per_shard=6)
+def _damaged_set(tmp_path):
+    """Six shards: 00001 truncated inside a member, 00002 not a tar, 00003 an empty tar."""
+    write_set(tmp_path, n_shards=6, per_shard=6)
     t1 = tmp_path / "00001.tar"
-    t1.write_bytes(t1.read_bytes()[: 3 * 1024 + 700])  # cut inside a member
+    t1.write_bytes(t1.read_bytes()[: 3 * 1024 + 700])
     (tmp_path / "00002.tar").write_bytes(b"this is not a tar file" * 40)
-    spec = {**SPEC, "shards": str(tmp_path / "{00000..00003}.tar"), "epochs": 1,
-            "shuffle_buffer": 0, "shuffle_shards": False}
+    with tarfile.open(tmp_path / "00003.tar", "w"):
+        pass
+    return str(tmp_path / "{00000..00005}.tar")
+
+
+def _png_header(w, h):
+    """A PNG whose header claims ``w`` x ``h`` pixels (opening reads the header only)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_max_pixels_is_the_one_pixel_limit():
+    big = _png_header(20_000, 20_000)  # 400 Mpx: over twice Pillow's own limit (an error there)
+    assert decode.open_image(big, max_pixels=500_000_000).size == (20_000, 20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning from 179 Mpx up
+        assert decode.open_image(_png_header(15_000, 15_000)).size == (15_000, 15_000)  # 225 Mpx < 2**28
+    with pytest.raises(decode.DecodeError, match=r"400000000 pixels exceeds the limit of 268435456"):
+        decode.open_image(big)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own setting is left as it was
+
+
+def test_an_undecodable_folder_image_is_named_plainly(tmp_path):
+    from hetclip.zero_shot import datasets as ds
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / c / "0.png")
+    (tmp_path / "a" / "bad.png").write_bytes(b"not an image")
+    with pytest.warns(BadSampleWarning):
+        with pytest.raises(TooManyBadSamples) as err:
+            list(ds.eval_batches(ds.ImageFolder(str(tmp_path)), 8, 8, workers=0))
+    msg = str(err.value)
+    assert "bad.png" in msg and "cannot identify image: not in a format Pillow reads" in msg
+    assert "object at 0x" not in msg and "hetclip-shards" not in msg and "Check or remove the image files" in msg
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_missing_local_shards_are_refused_before_reading_all_named(tmp_path, shard_set, workers):
+    d = os.path.dirname(shard_set)
+    spec = {**SPEC, "shards": d + "/{00000,missing1,00001,missing2}.tar"}
+    with pytest.raises(shards.ShardError, match=r"2 of the 4 shards of .* do not exist: .*missing1\.tar, "
+                                                r".*missing2\.tar$"):
+        make_train_loader(spec, CharTokenizer(), batch_size=2, seed=0, num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_failed_shards_count_against_their_own_limit_and_are_listed(tmp_path, workers):
+    pattern = _damaged_set(tmp_path)
+    spec = {**SPEC, "shards": pattern, "epochs": 1, "max_bad_shard_fraction": 0.5}
     with pytest.warns(BadSampleWarning) as rec:
-        with make_train_loader(spec, CharTokenizer(), batch_size=2, seed=0, num_workers=0) as loader:
+        with make_train_loader(spec, CharTokenizer(), batch_size=2, seed=0, num_workers=workers) as loader:
             batches = list(loader)
             stats = loader.stats()
-    assert stats["skipped"]["truncated_shard"] == 1
-    assert stats["skipped"]["unreadable_shard"] == 2  # not-a-tar and the missing 00003.tar
-    assert stats["samples_ok"] >= 6 and len(batches) == stats["samples_ok"] // 2
+    assert {os.path.basename(u): v["reason"] for u, v in stats["bad_shards"].items()} == {
+        "00001.tar": "truncated_shard", "00002.tar": "unreadable_shard", "00003.tar": "empty_shard"}
+    assert stats["skipped"] == {"truncated_shard": 1, "unreadable_shard": 1, "empty_shard": 1}
+    # two workers stop with the first one whose shards run out
+    assert stats["samples_ok"] >= (18 if workers < 2 else 6) and len(batches) == stats["samples_ok"] // 2
     msgs = "\n".join(str(w.message) for w in rec)
-    assert "00001.tar: truncated_shard" in msgs and "00003.tar: unreadable_shard" in msgs
-    assert "00002.tar: unreadable_shard" in msgs
-    assert pattern  # the complete set was valid
-    # nothing readable at all: a clear error, not a hang or a bare traceback
-    spec["shards"] = str(tmp_path / "0000{2..3}.tar")
-    with pytest.raises(shards.ShardError, match=r"no sample could be read .*0000[23].tar: unreadable_shard"):
-        with make_train_loader({**spec, "epochs": None}, CharTokenizer(), batch_size=2, seed=0,
-                               num_workers=0) as loader:
-            next(loader)
+    assert "00003.tar: empty_shard" in msgs and "00002.tar: unreadable_shard" in msgs
+    # the default limit (1% of the shards) stops at the first failed shard, whatever the worker count
+    with pytest.raises(TooManyBadSamples, match=r"^[12] of 6 shards failed \(\d+\.\d% > max_bad_shard_fraction 1.0%\): "
+                                                r".*0000[123]\.tar \((truncated|unreadable|empty)_shard\)\. Check"):
+        with pytest.warns(BadSampleWarning):
+            with make_train_loader({**spec, "max_bad_shard_fraction": 0.01}, CharTokenizer(), batch_size=2, seed=0,
+                                   num_workers=workers) as loader:
+                list(loader)
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    _damaged_set(tmp_path)
+    spec = {**SPEC, "shards": str(tmp_path / "0000{2..3}.tar"), "max_bad_shard_fraction": 1.0}
+    with pytest.raises(shards.ShardError, match=r"no sample could be read .*0000[23].tar: (unreadable|empty)_shard"):
+        with pytest.warns(BadSampleWarning):
+            with make_train_loader(spec, CharTokenizer(), batch_size=2, seed=0, num_workers=0) as loader:
+                next(loader)
 
 
 def test_too_many_bad_samples_fails_clearly(tmp_path):

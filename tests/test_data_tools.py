@@ -128,6 +128,14 @@ def test_stats_and_check_find_problems(tmp_path, capsys):
     assert "matched no files" in capsys.readouterr().err
 
 
+def test_check_names_an_empty_shard(tmp_path, capsys):
+    _tar(tmp_path / "00000.tar", [])
+    assert tools.main(["check", str(tmp_path / "00000.tar")]) == 1
+    out = capsys.readouterr().out
+    assert f"PROBLEM empty_shard: {tmp_path / '00000.tar'}: the shard holds no sample" in out
+    assert "no problems found" not in out
+
+
 def test_console_script_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "hetclip.data.tools", "stats", str(tmp_path / "none.tar")],
                        capture_output=True, text=True, timeout=60)

@@ -288,14 +288,18 @@ def test_failure_midway_leaves_nothing(tok, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # ~25 s on a loaded 2-core machine (4 exports/compilations)
-def test_stablehlo_deserialises_without_model_code(tok, tmp_path):
+def test_stablehlo_deserialises_without_model_code(tok, tmp_path, caplog):
     from jax import export as jax_export
 
     cfg = tiny_cfg(tok, het={"enabled": True, "num_factors": 2})
     params = make_params(cfg)
     out = tmp_path / "shlo"
-    export.export_stablehlo(cfg, params, tok.spec(), {"image_size": 32}, out)
+    with caplog.at_level(logging.WARNING, logger="hetclip.export"):
+        export.export_stablehlo(cfg, params, tok.spec(), {"image_size": 32}, out)
+    said = [r.getMessage() for r in caplog.records if "HET-XL" in r.getMessage()]
+    assert len(said) == 1 and "not exported" in said[0] and "\n" not in said[0]
     spec = json.loads((out / "export_spec.json").read_text())
+    assert spec["het_head"].startswith("not exported")
     assert spec["image_encoder"]["input"] == {"shape": ["batch", 32, 32, 3], "dtype": "float32",
                                               "description": spec["image_encoder"]["input"]["description"]}
     assert spec["text_encoder"]["input"]["shape"] == ["batch", CONTEXT]
@@ -321,7 +325,7 @@ def test_stablehlo_deserialises_without_model_code(tok, tmp_path):
     assert spec["logit_scale"] == pytest.approx(enc.logit_scale, rel=1e-6)
 
 
-def test_cli_from_checkpoint(tok, tmp_path, capsys):
+def test_cli_from_checkpoint(tok, tmp_path, capsys, monkeypatch):
     from hetclip import checkpoint
 
     cfg = tiny_cfg(tok)
@@ -336,7 +340,15 @@ def test_cli_from_checkpoint(tok, tmp_path, capsys):
     ck.wait()
     ck.close()
     out = tmp_path / "hf"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with monkeypatch.context() as m:  # every argument is checked before anything is loaded
+        m.setattr(checkpoint, "load_run", lambda *a, **k: pytest.fail("loaded before checking --out"))
+        assert export.main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(a_file)]) == 2
+        assert "exists and is not a directory" in capsys.readouterr().err and a_file.read_text() == "keep me"
     assert export.main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert (said.out + said.err).strip() == f"hetclip-export: wrote hf export to {out}"  # one line, no orbax INFO
     load_clip(out)
     assert export.main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err

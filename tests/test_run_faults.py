@@ -108,13 +108,14 @@ def test_moved_run_works_from_another_directory_and_commands_exit_0(trained, tmp
                  str(shape / "classnames.txt"), "--templates", str(shape / "templates.txt"), "--no-progress",
                  "--out", "zs.json", cwd=cwd)
     assert zs.returncode == 0, zs.stderr[-3000:]
-    assert "top1" in zs.stdout and "'metrics'" not in zs.stderr
+    assert "top1" in zs.stdout and zs.stderr == ""  # the results only: no absl/orbax warnings
     assert "acc1" in json.loads((cwd / "zs.json").read_text())["metrics"]
     rt = command("hetclip-retrieval", "--checkpoint", str(moved), "--data",
                  str(trained["demo"] / "train" / "00000.tar"), "--limit", "16", "--no-progress", cwd=cwd)
     assert rt.returncode == 0, rt.stderr[-3000:]
     ex = command("hetclip-export", "--checkpoint", str(moved), "--format", "hf", "--out", "hf", cwd=cwd)
     assert ex.returncode == 0, ex.stderr[-3000:]
+    assert (ex.stdout + ex.stderr).strip() == "hetclip-export: wrote hf export to hf"
     assert (cwd / "hf" / "model.safetensors").is_file() and (cwd / "hf" / "tokenizer.json").is_file()
 
 
@@ -190,6 +191,24 @@ def test_non_finite_state_is_never_saved(tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints" / "7")
 
 
+def flip_bytes(run, step):
+    rng = np.random.default_rng(0)
+    for target in params_data_files(run, step):   # 64 flipped bytes in the middle half of each
+        data = bytearray(open(target, "rb").read())
+        for i in rng.choice(len(data) // 2, min(64, len(data) // 2), replace=False) + len(data) // 4:
+            data[i] ^= 0xA5
+        open(target, "wb").write(bytes(data))
+
+
+def test_a_damaged_step_reads_as_one_error_from_the_installed_command(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    flip_bytes(run, 4)
+    zs = command("hetclip-zero-shot", "--checkpoint", str(run), "--data", str(trained["demo"] / "eval" / "shape"),
+                 "--no-progress")
+    assert zs.returncode == 2 and "checkpoint step 4 is damaged" in zs.stderr
+    assert_short(zs.stderr, most=1)  # no orbax event-loop tracebacks after the handled error
+
+
 def test_flipped_bytes_are_refused_by_evaluation_and_export(trained, tmp_path):
     from hetclip import export
     from hetclip.zero_shot import cli
@@ -229,6 +248,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(trained, tmp_
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "checkpoint step 4" in warning and os.path.join("4", item) in warning and "resuming from step 2" in warning
     assert os.path.isdir(os.path.join(run, "damaged_checkpoints", "4", item))  # kept, not deleted
+    rows = [r["step"] for r in metrics(run) if "loss" in r]
+    assert rows == [1, 2, 3, 4]  # the rows of steps 3-4 written before the fallback were replaced, not kept twice
     resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
     assert resumed[3] == pytest.approx(straight[3], rel=1e-5) and resumed[4] == pytest.approx(straight[4], rel=1e-5)
 
@@ -252,6 +273,8 @@ def test_no_intact_checkpoint_is_an_error_that_moves_nothing(trained, tmp_path):
     ("total_steps=-5", "total_steps=-5 must be >= 0"),
     ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1 must be >= 0"),
     ("log_every=0", "log_every=0 must be >= 1"),
+    ("optim.lr=nan", "optim.lr=nan must be >= 0"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf must be a finite number"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(trained, tmp_path, override, match, capsys):
     work = tmp_path / "w"
@@ -287,6 +310,138 @@ def test_diverging_run_saves_only_finite_states(trained, tmp_path):
         _, params, _ = ckpt_lib.load_params(str(work), step)  # verified: every tensor finite
         scale = np.exp(min(float(params["temperature"]["log_scale"]), np.log(100.0)))
         assert 0 < scale < np.inf, step  # so the temperature 1/scale is finite too
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards that are missing, unreadable or empty
+
+
+def assert_short(err, most=5):
+    """A handled error reads in a few lines: no traceback, at most ``most`` lines."""
+    lines = err.strip().splitlines()
+    assert lines and len(lines) <= most and "Traceback" not in err, err[-3000:]
+
+
+def own_data(trained, shards, *more):
+    """hetclip-train arguments training the test config on ``shards`` with the demo's tokenizer."""
+    return ["--config", trained["config"], "--config.demo.enabled=False", f"--config.data.shards={shards}",
+            f"--config.data.tokenizer.path={trained['demo'] / 'tokenizer'}", "--no-progress", *more]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_shards_are_refused_before_training_all_named(trained, tmp_path, capsys, workers):
+    work = tmp_path / "w"
+    pattern = str(trained["demo"] / "train" / "{00000,missing1,missing2}.tar")
+    rc = train_lib.main(own_data(trained, pattern, "--workdir", str(work), f"--config.data.num_workers={workers}"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 of the 3 shards" in err and "missing1.tar" in err and "missing2.tar" in err
+    assert_short(err)
+    assert not work.exists()
+
+
+def test_failed_shards_are_listed_in_the_summary(trained, tmp_path):
+    import tarfile
+
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(trained["demo"] / "train", shard_dir)
+    with tarfile.open(shard_dir / "empty.tar", "w"):
+        pass
+    work = tmp_path / "w"
+    cfg = config_lib.apply_overrides(load_cfg(trained["config"]), [
+        "demo.enabled=False", f"data.shards={shard_dir}/{{00000,00001,empty}}.tar",
+        f"data.tokenizer.path={trained['demo'] / 'tokenizer'}", "data.max_bad_shard_fraction=0.5",
+        "total_steps=8", "data.epoch_size=96"])  # 128 samples: every shard read
+    with pytest.warns(UserWarning, match="empty.tar: empty_shard"):
+        train_lib.train(cfg, str(work), progress=False)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["data"]["bad_shards"] == {str(shard_dir / "empty.tar"): {
+        "reason": "empty_shard", "detail": "the shard holds no sample (no member named KEY.EXT)"}}
+    with pytest.raises(train_lib.TrainingError, match=r"1 of 3 shards failed .*empty\.tar \(empty_shard\)"):
+        with pytest.warns(UserWarning):
+            train_lib.train(config_lib.apply_overrides(cfg, ["data.max_bad_shard_fraction=0.01"]),
+                            str(tmp_path / "w2"), progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log output
+
+
+LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} %s hetclip\.%s: %s$"
+
+
+def test_info_lines_reach_the_user_in_the_trainers_format(trained, tmp_path, capsys):
+    import re
+
+    assert logging.getLogger().handlers  # importing orbax left a WARNING handler on the root logger
+    cfg_path = write_config(tmp_path / "cfg.py", trained["demo"], steps=4, every=2, synthetic=True)
+    args = ["--config", cfg_path, "--workdir", str(tmp_path / "w"), "--no-progress"]
+    assert train_lib.main(args + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_lib.main(args + ["--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(LOG_LINE % ("INFO", "train", r"resumed from \S+ at step 2"), err, re.M), err[-2000:]
+    assert train_lib.main(args + ["--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert " INFO " not in err and "resumed" not in err, err[-2000:]
+
+
+def test_log_levels_and_other_libraries(capsys):
+    import re
+
+    from hetclip.cli import configure_logging
+
+    for verbosity in ("info", "quiet", "verbose"):
+        configure_logging(verbosity)
+        logging.getLogger("hetclip.workdir").info("took over the lock")
+        logging.getLogger("hetclip.train").warning("a warning")
+        logging.getLogger("hetclip.train").debug("a detail")
+        logging.getLogger("absl").info("orbax chatter")
+        logging.getLogger("absl").warning("orbax warning")
+        err = capsys.readouterr().err
+        assert re.search(LOG_LINE % ("WARNING", "train", "a warning"), err, re.M), err
+        assert ("took over the lock" in err) == (verbosity != "quiet")
+        assert ("a detail" in err) == ("orbax chatter" in err) == ("orbax warning" in err) == (verbosity == "verbose")
+    configure_logging("info")
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals
+
+
+def _signal_after(monkeypatch, cls, method, when, times=1):
+    """Make ``cls.method`` send this process SIGINT ``times`` times after the call where ``when(args)``."""
+    original = getattr(cls, method)
+
+    def wrapped(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if when(args):
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(cls, method, wrapped)
+
+
+def test_ctrl_c_on_a_checkpoint_step_stops_with_130_and_no_error(trained, tmp_path, capsys, monkeypatch):
+    _signal_after(monkeypatch, ckpt_lib.Checkpointer, "save", lambda args: args[0] == 2)
+    work = tmp_path / "w"
+    rc = train_lib.main(["--config", trained["config"], "--workdir", str(work), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 130 and "error" not in err, err[-3000:]
+    assert "stopping at step 2 (its checkpoint is saved)" in out
+    assert ckpt_lib.Checkpointer(str(work / "checkpoints")).steps() == [2]
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_nothing_was_saved(trained, tmp_path, capsys, monkeypatch):
+    from hetclip import runlog
+
+    _signal_after(monkeypatch, runlog.MetricsWriter, "write", lambda args: args[0] == 1, times=2)
+    work = tmp_path / "w"
+    rc = train_lib.main(["--config", trained["config"], "--workdir", str(work), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "hetclip-train: interrupted: stopped at step 1 without saving; nothing was saved" in err
+    assert_short(err)
+    assert not (work / "checkpoints").exists() or not os.listdir(work / "checkpoints")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,10 +511,28 @@ def test_disk_full_stops_at_the_failed_save_and_keeps_earlier_steps(trained, tmp
         work = disk / "run"
         out = command("hetclip-train", "--config", cfg_path, "--workdir", str(work), "--no-progress")
         assert out.returncode == 2, out.stderr[-3000:]
-        assert "No space left on device" in out.stderr, out.stderr[-3000:]
+        assert_short(out.stderr, most=1)  # no orbax tracebacks, absl errors or asyncio noise
+        assert out.stderr.strip().endswith("-- No space left on device"), out.stderr[-3000:]
+        assert out.stderr.startswith("hetclip-train: error: saving the checkpoint of step ")
         steps = ckpt_lib.Checkpointer(str(work / "checkpoints")).steps()
         assert steps and steps[-1] < 40
         for step in steps:
             ckpt_lib.load_params(str(work), step)  # every kept step intact
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_metrics_rows_of_steps_run_again_are_replaced(tmp_path):
+    from hetclip import runlog
+
+    w = runlog.MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3, 4):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a row cut by a kill
+    w = runlog.MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)  # resumed from the step-2 checkpoint
+    for step in (3, 4):
+        w.write(step, {"loss": 10.0 + step})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

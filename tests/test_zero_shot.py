@@ -28,6 +28,10 @@ def test_template_file_and_errors(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("# comment\na {c}\n\nthe {c}!\n")
     assert T.load_templates(str(f)) == ["a {c}", "the {c}!"]
+    clip_style = tmp_path / "clip.txt"  # CLIP's and open_clip's lists write the placeholder as {}
+    clip_style.write_text("a photo of a {}.\na {c} and {}\n")
+    assert T.load_templates(str(clip_style)) == ["a photo of a {c}.", "a {c} and {}"]
+    assert T.prompts(["dog"], T.load_templates(str(clip_style))) == [["a photo of a dog.", "a dog and {}"]]
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo\n")
     with pytest.raises(ValueError, match="placeholder"):

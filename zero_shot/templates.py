@@ -2,7 +2,8 @@
 
 Template sets: ``clip80`` (the 80 ImageNet prompts of the CLIP paper), ``clip7`` (the 7-prompt
 subset the CLIP notebook reports as slightly better), ``bare`` (just the class name), or a path to a
-text file with one template per line. ``{c}`` stands for the class name.
+text file with one template per line. ``{c}`` stands for the class name; so does ``{}`` in a template
+without ``{c}`` (the placeholder of CLIP's and open_clip's template lists).
 
 Class names: ``imagenet`` (the 1000 curated CLIP names, line k = class k) or a text file (one per line).
 
@@ -71,10 +72,11 @@ def load_templates(spec: str) -> List[str]:
         templates = _file_lines(spec, "templates")
     else:
         raise ValueError(f"unknown template set {spec!r}: expected one of {TEMPLATE_SETS} or a file path")
+    templates = [t if "{c}" in t else t.replace("{}", "{c}") for t in templates]
     bad = [t for t in templates if "{c}" not in t]
     if bad:
-        raise ValueError(f"templates {spec!r}: {len(bad)} template(s) lack the '{{c}}' placeholder, "
-                         f"e.g. {bad[0]!r}")
+        raise ValueError(f"templates {spec!r}: {len(bad)} template(s) lack the class name placeholder "
+                         f"'{{c}}' (or '{{}}'), e.g. {bad[0]!r}")
     return templates
 
 
