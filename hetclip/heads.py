@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetclip.losses import ESTIMATORS  # how the loss estimates log E[softmax] (losses.mc_log_mean)
+from hetclip.losses import ESTIMATORS  # how the loss estimates log E[softmax] (losses.log_mean_estimate)
 from hetclip.towers import Dense
 
 DIAG_FLOOR = 1e-3
@@ -36,7 +36,7 @@ NOISE_SPACES = ("embedding", "sphere")
 class HetConfig:
     """HET-XL head settings (the recipes' defaults). ``num_factors`` R is the rank of the low-rank
     covariance, ``mc_samples`` S the Monte-Carlo sample count of the training loss (0: DET loss),
-    ``estimator`` how the loss estimates ``log E[softmax]`` from them (``hetclip.losses.mc_log_mean``)."""
+    ``estimator`` how the loss estimates ``log E[softmax]`` from them (``hetclip.losses.log_mean_estimate``)."""
     enabled: bool = False
     num_factors: int = 15
     mc_samples: int = 16

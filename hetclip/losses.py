@@ -155,7 +155,7 @@ def _class_pass(zs, t_all, class_chunk: Optional[int], matmul_dtype):
 ESTIMATORS = ("mc", "jackknife")
 
 
-def mc_log_mean(log_p, estimator: str = "mc"):
+def log_mean_estimate(log_p, estimator: str = "mc"):
     """``log (1/S) Σ_s p_s`` over axis 0 of ``log_p [S, ...]``: the MC estimate of ``log E[p]``.
 
     ``"mc"``: that estimate; by Jensen's inequality it lies below ``log E[p]`` on average, by about
@@ -198,8 +198,8 @@ def _mc_softmax_terms(sample_fn: Callable, mc_samples: int, t_loc_n, scale, *, s
     parts = chunked_map(body, jnp.arange(mc_samples), sample_chunk)  # each ([nc, S_c, B_l], [nc, S_c, B_l])
     log_p_i2t = jnp.concatenate([p[0].reshape((-1, b_local)) for p in parts], axis=0)  # [S, B_l]
     log_p_t2i = jnp.concatenate([p[1].reshape((-1, b_local)) for p in parts], axis=0)
-    i2t = -mc_log_mean(log_p_i2t, estimator)
-    t2i = -mc_log_mean(log_p_t2i, estimator)
+    i2t = -log_mean_estimate(log_p_i2t, estimator)
+    t2i = -log_mean_estimate(log_p_t2i, estimator)
     return jnp.sum(i2t), jnp.sum(t2i)
 
 
@@ -278,7 +278,7 @@ def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: O
     ``mean [B, D]`` unnormalised image means, ``noise`` the head's noise dict (``hetclip.noise``),
     ``txt [B, D]``, ``scale = 1/τ``, ``key`` the noise PRNG key (same on every device).
     ``sample_chunk``/``class_chunk``: samples/texts per chunk (``None``: all at once). ``estimator``: how
-    ``log E[softmax]`` is estimated from the samples (``mc_log_mean``).
+    ``log E[softmax]`` is estimated from the samples (``log_mean_estimate``).
     """
     _check_pair(mean, txt, "mean")
     _check_noise(noise, mean.shape[0], mean.shape[1])
@@ -372,8 +372,8 @@ def hetxl_loss_naive(mean, noise, txt, scale, key, *, mc_samples: int, estimator
     ids = jnp.arange(n)
     log_p_i2t = jax.nn.log_softmax(logits, axis=2)[ids, :, ids]  # [N, S]: image i, its text i
     log_p_t2i = jax.nn.log_softmax(logits, axis=0)[ids, :, ids]  # [N, S]: text j, its image j
-    i2t = -jnp.mean(mc_log_mean(log_p_i2t.T, estimator))
-    t2i = -jnp.mean(mc_log_mean(log_p_t2i.T, estimator))
+    i2t = -jnp.mean(log_mean_estimate(log_p_i2t.T, estimator))
+    t2i = -jnp.mean(log_mean_estimate(log_p_t2i.T, estimator))
     acc_i2t, acc_t2i = _naive_acc(noise_lib.l2_normalize(mean) @ t.T)
     aux = {"loss_i2t": i2t, "loss_t2i": t2i, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i,
            "logit_scale": jnp.asarray(scale, jnp.float32)}

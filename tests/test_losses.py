@@ -311,21 +311,21 @@ def test_gradients_under_shard_map_without_vma_checks(loss):
 
 # ------------------------------------------------------------------ the jackknife estimator
 
-def test_mc_log_mean_jackknife_known_answer():
+def test_log_mean_estimate_jackknife_known_answer():
     """Against the definition in float64: ``S·L_S − (S−1)·mean_k L_(k)`` with ``L`` the log of a sample mean."""
     rng = np.random.default_rng(0)
     log_p = np.log(rng.uniform(0.01, 1.0, (6, 4)))
     full = np.log(np.exp(log_p).mean(0))
     loo = np.stack([np.log(np.exp(np.delete(log_p, k, 0)).mean(0)) for k in range(6)])
     want = 6 * full - 5 * loo.mean(0)
-    np.testing.assert_allclose(L.mc_log_mean(jnp.asarray(log_p), "jackknife"), want, rtol=1e-5)
-    np.testing.assert_allclose(L.mc_log_mean(jnp.asarray(log_p), "mc"), full, rtol=1e-6)
+    np.testing.assert_allclose(L.log_mean_estimate(jnp.asarray(log_p), "jackknife"), want, rtol=1e-5)
+    np.testing.assert_allclose(L.log_mean_estimate(jnp.asarray(log_p), "mc"), full, rtol=1e-6)
     with pytest.raises(ValueError, match="mc_samples >= 2"):
-        L.mc_log_mean(jnp.zeros((1, 3)), "jackknife")
+        L.log_mean_estimate(jnp.zeros((1, 3)), "jackknife")
     with pytest.raises(ValueError, match="estimator='exact'"):
-        L.mc_log_mean(jnp.zeros((2, 3)), "exact")
+        L.log_mean_estimate(jnp.zeros((2, 3)), "exact")
     # one sample holding all the mass: finite
-    assert np.isfinite(np.asarray(L.mc_log_mean(jnp.asarray([[0.0], [-1e4], [-1e4]]), "jackknife"))).all()
+    assert np.isfinite(np.asarray(L.log_mean_estimate(jnp.asarray([[0.0], [-1e4], [-1e4]]), "jackknife"))).all()
 
 
 def test_jackknife_removes_most_of_the_small_sample_bias():
