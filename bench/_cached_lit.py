@@ -190,8 +190,12 @@ def train(cfg, tower: Tower, features: np.ndarray, captions: Sequence[str], *, l
 def noise_sizes(model_cfg, params, features: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Each image's HET-XL angular noise size (``hetclip.noise.per_example_sizes``) from cached features."""
     model = DualEncoder(model_cfg)
-    fn = jax.jit(lambda p, f: noise_lib.per_example_sizes(
-        *(lambda o: (o["mean"], o["noise"]))(model.apply({"params": p}, f, method=DualEncoder.project_image)))["angular"])
+
+    @jax.jit
+    def fn(p, f):
+        out = model.apply({"params": p}, f, method=DualEncoder.project_image)
+        return noise_lib.per_example_sizes(out["mean"], out["noise"])["angular"]
+
     return np.concatenate([np.asarray(fn(params, jnp.asarray(features[s:s + chunk])))
                            for s in range(0, features.shape[0], chunk)])
 

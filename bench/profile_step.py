@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="traced steps")
     ap.add_argument("--timed-steps", type=int, default=6, help="untraced steps timed for the wall time")
     ap.add_argument("--top", type=int, default=15, help="op groups listed in the report")
-    ap.add_argument("--torch-python", default="/work/ocvenv/bin/python",
+    ap.add_argument("--torch-python", default="../ocvenv/bin/python",
                     help="python with torch for the PyTorch matmul ceiling ('' to skip)")
     ap.add_argument("--threads", type=int, default=2, help="PyTorch threads for its ceiling")
     ap.add_argument("--out", default=None)

@@ -1,6 +1,6 @@
 """Training and inference throughput of hetclip vs open_clip, measured side by side, interleaved.
 
-    python bench/throughput.py --openclip-python /work/ocvenv/bin/python [--quick] [--cases tiny,B/32]
+    python bench/throughput.py --openclip-python ../ocvenv/bin/python [--quick] [--cases tiny,B/32]
 
 Each framework runs in its own persistent subprocess (compilation / warm-up is paid once per
 variant); the driver alternates short timed blocks of every variant of a case for several rounds,
@@ -405,7 +405,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--openclip-python", default="/work/ocvenv/bin/python",
+    ap.add_argument("--openclip-python", default="../ocvenv/bin/python",
                     help="python of a venv with open_clip_torch (see bench/README.md); '' to skip open_clip")
     ap.add_argument("--hetclip-python", default=sys.executable)
     ap.add_argument("--cases", default="tiny,B/32", help="comma list of hetclip.model presets")

@@ -164,6 +164,7 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
         images, labels = _batch_parts(batch)
         labels = np.asarray(labels)
         step = batch_size or labels.shape[0]
+        names = _batch_names(batch, seen, labels.shape[0]) if per_image is not None else None
         for c in range(0, labels.shape[0], step):  # MC key folded with each chunk's first example
             imgs, labs = images[c:c + step], labels[c:c + step]
             emb = enc(imgs)
@@ -172,7 +173,7 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
                 keep(noise=angle)
             lp = deterministic_log_probs(emb, weights, logit_scale)
             det.update(lp, labs)
-            keep(name=_batch_names(batch, seen, labels.shape[0])[c:c + step], label=labs,
+            keep(name=names[c:c + step] if names is not None else None, label=labs,
                  **uncertainty.per_image_scores(lp, labs))
             if mc is not None:
                 s = samp(imgs, jax.random.fold_in(key, seen + c), int(mc_samples))
