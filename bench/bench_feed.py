@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
         c.data.update(shards=args.shards, image_size=224, num_workers=args.workers, shuffle_buffer=256,
                       tokenizer=dict(kind="hf", path=args.tokenizer, context_length=77, lower_case=True))
         c.checkpoint.update(every_steps=0, keep=1, async_save=False)
-        c.eval.update(at_end=False)
+        c.evals = []
     with tempfile.TemporaryDirectory() as work:
         train_lib.train(c, work, progress=False)
     # windows after the first (compilation, worker start-up)

@@ -37,9 +37,7 @@ def case_config(base: str, het: bool, synthetic: bool, *, batch: int, steps: int
     c.data.image_size = image_size
     c.data.num_workers = workers
     c.checkpoint.every_steps = 0
-    c.eval.at_end = False
-    c.eval.every_steps = 0
-    c.eval.tasks = []
+    c.evals = []
     c.export.format = ""
     c.demo.enabled = True
     c.demo.dir = demo_dir

@@ -63,11 +63,14 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
     )
     c.mesh = dict(data=-1, fsdp=1)
     c.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
-    c.eval = dict(every_steps=0, at_end=True, batch_size=256, mc_samples=0, limit=0, tasks=[])
+    # Evaluators (hetclip.evals): each runs every `every_steps` steps (0: not during training) and at the end.
+    c.evals = []
     c.export = dict(format="", dir="")
     c.demo = dict(enabled=False, dir="", params=dict())
     return c
 
 
-def imagenet_task(path: str = "") -> dict:
-    return dict(name="imagenet", dir=path, classnames="imagenet", templates="clip80")
+def imagenet_eval(path: str = "", every_steps: int = 5000) -> dict:
+    """Zero-shot ImageNet (its validation folders) with CLIP's 80 prompts."""
+    return dict(kind="zero_shot", name="imagenet", dir=path, layout="imagenet", templates="clip80",
+                every_steps=every_steps, at_end=True, batch_size=256, mc_samples=0, limit=0)

@@ -3,11 +3,10 @@
 Sized like ``clip_b32`` (a TPU pod slice or several 8-GPU hosts, batch 32,768); 4x the image tokens, so
 ``accum_steps`` or ``model.remat`` sooner on smaller setups.
 """
-from hetclip.configs._base import base_config, variants, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_eval
 
 
 def get_config(arg: str = ""):
     c = base_config("B/16", het="het" in variants(arg))
-    c.eval.tasks = [imagenet_task()]
-    c.eval.every_steps = 5000
+    c.evals = [imagenet_eval()]  # set its dir: --config.evals.0.dir=/data/imagenet/val
     return c

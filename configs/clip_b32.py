@@ -4,13 +4,12 @@ Sized for a TPU pod slice or several 8-GPU hosts: CLIP's global batch of 32,768 
 remat. On fewer devices keep the batch with ``accum_steps`` (or ``model.dtype=bfloat16``, ``model.remat``).
 
     hetclip-train --config clip_b32[:het] --config.data.shards='/data/laion/{00000..41407}.tar' \
-        --config.data.tokenizer.path=/models/clip-tokenizer --config.eval.tasks.0.dir=/data/imagenet/val
+        --config.data.tokenizer.path=/models/clip-tokenizer --config.evals.0.dir=/data/imagenet/val
 """
-from hetclip.configs._base import base_config, variants, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_eval
 
 
 def get_config(arg: str = ""):
     c = base_config("B/32", het="het" in variants(arg))
-    c.eval.tasks = [imagenet_task()]
-    c.eval.every_steps = 5000
+    c.evals = [imagenet_eval()]  # set its dir: --config.evals.0.dir=/data/imagenet/val
     return c

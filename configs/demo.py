@@ -8,7 +8,7 @@ Generates the demo data if missing (``demo.dir``), trains, evaluates zero-shot o
 split (by shape, colour, and shape+colour including unseen pairs) and exports to Hugging Face format.
 """
 from hetclip.configs._base import base_config, variants
-from hetclip.data.demo import DEFAULTS as DEMO_DEFAULTS
+from hetclip.data.demo import DEFAULTS as DEMO_DEFAULTS, TASKS as DEMO_TASKS
 
 
 def get_config(arg: str = ""):
@@ -34,7 +34,10 @@ def get_config(arg: str = ""):
     c.data.update(image_size=64, crop_scale=(0.8, 1.0), shuffle_buffer=2000, num_workers=2,
                   tokenizer=dict(kind="hf", path="", context_length=24, lower_case=True))
     c.checkpoint.update(every_steps=300, keep=2)
-    c.eval.update(every_steps=0, at_end=True, batch_size=256, mc_samples=16 if het else 0)
+    # Zero-shot on the demo's held-out tasks (by shape, colour, shape+colour); their dirs and prompts are
+    # filled in from the generated data (hetclip.data.demo.configure).
+    c.evals = [dict(kind="zero_shot", name=task, every_steps=0, at_end=True, batch_size=256,
+                    mc_samples=16 if het else 0) for task in DEMO_TASKS]
     c.export.update(format="hf", dir="export_hf")
     c.demo.update(enabled=True, dir="demo_data", params=dict(DEMO_DEFAULTS))  # every generator knob
     return c

@@ -8,7 +8,7 @@
 Sized like ``clip_b32`` (batch 32,768 on a TPU pod slice or several 8-GPU hosts); the locked image tower
 needs no gradients, so a step needs less memory and compute than clip_b32's.
 """
-from hetclip.configs._base import base_config, variants, imagenet_task
+from hetclip.configs._base import base_config, variants, imagenet_eval
 
 
 def get_config(arg: str = ""):
@@ -17,6 +17,5 @@ def get_config(arg: str = ""):
     c.freeze.image = True
     c.optim.lr = 1e-3
     c.total_samples = 3_000_000_000
-    c.eval.tasks = [imagenet_task()]
-    c.eval.every_steps = 5000
+    c.evals = [imagenet_eval()]  # set its dir: --config.evals.0.dir=/data/imagenet/val
     return c

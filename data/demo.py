@@ -625,14 +625,18 @@ def ensure_demo(out_dir: str | os.PathLike, *, workers: int = 1, force: bool = F
 
 def configure(cfg: dict, paths: DemoPaths) -> dict:
     """A copy of a training config (as a dict) whose data shards, tokenizer (unless ``data.tokenizer.path``
-    names one, e.g. a pretrained model's) and zero-shot tasks are the demo data's at ``paths``."""
+    names one, e.g. a pretrained model's) and demo evaluators are the demo data's at ``paths``: an
+    ``evals`` entry named after a demo task (``TASKS``) with no ``dir`` gets that task's folder, class
+    names and prompts."""
     out = copy.deepcopy(cfg)
     out["data"]["shards"] = paths.train_pattern
     if not out["data"]["tokenizer"].get("path"):
         out["data"]["tokenizer"]["path"] = paths.tokenizer
-    out["eval"]["tasks"] = [dict(name=t, dir=paths.eval_dirs[t],
-                                 classnames=os.path.join(paths.eval_dirs[t], "classnames.txt"),
-                                 templates=os.path.join(paths.eval_dirs[t], "templates.txt")) for t in TASKS]
+    for entry in out.get("evals", []):
+        task = entry.get("name")
+        if task in TASKS and not entry.get("dir"):
+            entry.update(dir=paths.eval_dirs[task], classnames=os.path.join(paths.eval_dirs[task], "classnames.txt"),
+                         templates=os.path.join(paths.eval_dirs[task], "templates.txt"))
     return out
 
 

@@ -473,12 +473,3 @@ def load_run(path: str, step: int | None = None) -> RunCheckpoint:
                          tokenizer_spec=resolve_tokenizer_spec(meta["tokenizer"], root),
                          preprocess=meta["preprocess"], meta=dict(meta, step=step, checkpoint=os.path.abspath(path)),
                          step=step, run_dir=root)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=list)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -59,7 +59,7 @@ COMMON_OVERRIDES = (
     ("init_from_hf=DIR", "start from a Hugging Face CLIP directory (init_from_hf_groups=image: LiT's image tower only)"),
     ("freeze.image=True", "hold a parameter group fixed (image, text, head, temperature): no gradient, no update"),
     ("optim.lr=5e-4", "peak learning rate (optim.warmup_steps, optim.weight_decay, ...)"),
-    ("eval.tasks.0.dir=/data/imagenet/val", "zero-shot evaluation data (eval.every_steps, eval.mc_samples)"),
+    ("evals.0.dir=/data/imagenet/val", "evaluation data of the first evaluator (evals.0.every_steps, .mc_samples)"),
     ("checkpoint.every_steps=N", "checkpoint interval (resuming: rerun the same command)"),
 )
 
@@ -141,10 +141,37 @@ ADDED_KEYS = {
 }
 
 
+# Groups whose layout changed: old group -> what a config should say now. Stored configs are converted
+# (``upgrade_stored``); a config or override that uses the old group is refused with this advice.
+RESTRUCTURED = {
+    "eval": "the 'eval' group became 'evals', a list of evaluators {kind, name, every_steps, at_end, ...}: "
+            "e.g. evals=[dict(kind='zero_shot', name='imagenet', dir=..., layout='imagenet')] "
+            "(hetclip.evals lists the kinds)",
+}
+
+
 def renamed_message(key: str) -> str | None:
     """``"data.num_samples was renamed to data.epoch_size"`` for an old key, else None."""
     new = RENAMED_KEYS.get(key)
-    return f"{key} was renamed to {new}" if new else None
+    if new:
+        return f"{key} was renamed to {new}"
+    return RESTRUCTURED.get(key.split(".")[0]) if "." in key or key in RESTRUCTURED else None
+
+
+def evals_from_eval_group(group: dict) -> list[dict]:
+    """The ``evals`` entries of a stored config's old ``eval`` group: one zero-shot evaluator per task,
+    with the group's schedule and settings (``classnames="imagenet"`` meant ImageNet's folder layout)."""
+    out = []
+    for task in group.get("tasks") or []:
+        imagenet = task.get("classnames") == "imagenet"
+        out.append({"kind": "zero_shot", "name": task.get("name", ""), "dir": task.get("dir", ""),
+                    "layout": "imagenet" if imagenet else "auto",
+                    "classnames": "" if imagenet else (task.get("classnames") or ""),
+                    "templates": task.get("templates") or "clip80",
+                    "every_steps": group.get("every_steps", 0), "at_end": group.get("at_end", True),
+                    "batch_size": group.get("batch_size", 256), "mc_samples": group.get("mc_samples", 0),
+                    "limit": group.get("limit", 0)})
+    return out
 
 
 def _suggest(key: str, cfg) -> str:
@@ -170,6 +197,8 @@ def upgrade_stored(stored: dict, prefix: str = "") -> dict:
     ``"model.het."`` the HET-XL head's settings. A present key wins over its old name. Keys added since
     (``ADDED_KEYS``) get the value the stored run had."""
     out = copy.deepcopy(dict(stored))
+    if prefix == "" and isinstance(out.get("eval"), dict) and "evals" not in out:
+        out["evals"] = evals_from_eval_group(out.pop("eval"))
     for key, value in ADDED_KEYS.items():
         if not key.startswith(prefix):
             continue

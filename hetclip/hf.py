@@ -14,6 +14,7 @@ Everything here works on nested dicts of numpy arrays (no model code needed), pl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -551,3 +552,32 @@ def _arch_differences(a, b) -> list[str]:
             if not same:
                 out.append(f"{sec}.{f} {va!r} != {vb!r} (HF)")
     return out
+
+
+def init_groups(path: str, model_cfg, params, shardings, groups=None):
+    """The parameter ``groups`` (``optim.GROUPS``) from a Hugging Face CLIP directory, the rest as initialised:
+    all groups to fine-tune, ``("image",)`` for LiT (a pretrained image tower, the text tower from scratch).
+    A HET-XL head comes from the directory when it holds one (``hetclip-export``), else it keeps its
+    initialisation (a new head on pretrained towers)."""
+    import jax
+
+    from hetclip import config as config_lib
+    from hetclip import distributed as dist
+    from hetclip.optim import GROUPS, param_group
+
+    groups = GROUPS if groups is None else groups
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown or not groups:
+        raise config_lib.ConfigError(f"init_from_hf_groups={tuple(groups)!r}: name one or more of {list(GROUPS)}")
+    cfg = model_cfg
+    with_head = os.path.isfile(os.path.join(path, HET_HEAD_WEIGHTS))
+    if model_cfg.het.enabled and not (with_head and "head" in groups):
+        cfg = dataclasses.replace(model_cfg, het=dataclasses.replace(model_cfg.het, enabled=False))
+        if "head" in groups and dist.is_main_process():
+            log.info("init_from_hf: %s holds no HET-XL head; the head starts from its initialisation", path)
+    imported, _ = params_from_hf(path, cfg)
+    merged = dict(jax.device_get(params))
+    for k, v in imported.items():
+        if k in merged and param_group((k,)) in groups:
+            merged[k] = v
+    return jax.device_put(merged, shardings)

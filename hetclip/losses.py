@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hetclip import noise as noise_lib
 from hetclip.chunks import chunked_map
+from hetclip.towers import compute_dtype
 
 AxisName = Union[str, Sequence[str], None]
 Aux = dict
@@ -464,7 +465,9 @@ def sharded(loss_fn: Callable, mesh: jax.sharding.Mesh, axis: AxisName = "data",
     return wrapped
 
 
-TRAINING_LOSSES = ("softmax", "hetxl", "sigmoid")
+# The model's loss kinds (``ModelConfig.loss``). A HET-XL head with ``mc_samples > 0`` makes ``softmax`` the
+# Monte-Carlo softmax over its samples; it is not a separate kind.
+LOSS_KINDS = ("softmax", "sigmoid")
 
 
 def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc_samples: int = 0,
@@ -473,15 +476,17 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
     """The training loss ``loss(emb, shared, key) -> (loss, aux)`` over the global batch, sharded over
     ``axis`` of ``mesh`` (``sharded``).
 
-    ``kind``: ``softmax`` (CLIP), ``hetxl`` (MC softmax with ``mc_samples`` samples) or ``sigmoid`` (SigLIP).
-    ``emb``: per-example ``{"mean", "txt"}`` and, for ``hetxl``, ``"noise"`` (``d``, ``v`` or ``V``);
-    ``shared``: ``{"scale"}`` plus ``"bias"`` (sigmoid) and ``"C"`` (parameter-efficient HET-XL).
-    ``aux`` gains ``temperature`` (and ``logit_bias``).
+    ``kind``: ``softmax`` (CLIP; with ``mc_samples > 0`` the HET-XL MC softmax over that many samples) or
+    ``sigmoid`` (SigLIP). ``emb``: per-example ``{"mean", "txt"}`` and, with samples, ``"noise"`` (``d``,
+    ``v`` or ``V``); ``shared``: ``{"scale"}`` plus ``"bias"`` (sigmoid) and ``"C"`` (parameter-efficient
+    HET-XL). ``aux`` gains ``temperature`` (and ``logit_bias``).
     """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; one of {LOSS_KINDS}")
+    if mc_samples < 0 or (mc_samples and kind != "softmax"):
+        raise ValueError(f"mc_samples={mc_samples}: Monte-Carlo samples need kind='softmax' and a count >= 0")
     chunks = dict(class_chunk=class_chunk, matmul_dtype=matmul_dtype)
-    if kind == "hetxl":
-        if mc_samples < 1:
-            raise ValueError(f"the hetxl loss needs mc_samples >= 1, got {mc_samples}")
+    if mc_samples:
         fn = sharded(hetxl_loss, mesh, axis, mc_samples=mc_samples, sample_chunk=sample_chunk,
                      estimator=estimator, **chunks)
 
@@ -493,13 +498,11 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
 
         def args(emb, shared, key):
             return emb["mean"], emb["txt"], shared["scale"], shared["bias"]
-    elif kind == "softmax":
+    else:
         fn = sharded(clip_loss, mesh, axis, **chunks)
 
         def args(emb, shared, key):
             return emb["mean"], emb["txt"], shared["scale"]
-    else:
-        raise ValueError(f"unknown loss kind {kind!r}; one of {TRAINING_LOSSES}")
 
     def loss(emb, shared, key):
         value, aux = fn(*args(emb, shared, key))
@@ -509,3 +512,15 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh, axis: AxisName = "data", *, mc
         return value, aux
 
     return loss
+
+
+def for_model(model_cfg, mesh: jax.sharding.Mesh, axis: AxisName = ("data", "fsdp")) -> Callable:
+    """``loss(emb, shared, key)`` of a ``hetclip.model.ModelConfig``, from that config alone: its loss kind,
+    the HET-XL head's samples, chunks and estimator (samples only when the head is on with
+    ``mc_samples > 0``), and bf16 x bf16 -> fp32 logits matmuls for a bf16 model (logsumexps stay fp32).
+    ``shared`` is ``DualEncoder.loss_inputs``."""
+    het = model_cfg.het
+    samples = het.mc_samples if het.enabled and model_cfg.loss == "softmax" else 0
+    mm = jnp.bfloat16 if compute_dtype(model_cfg.dtype) == jnp.bfloat16 else None
+    return make_loss(model_cfg.loss, mesh, axis, mc_samples=samples, sample_chunk=het.sample_chunk,
+                     class_chunk=het.class_chunk, matmul_dtype=mm, estimator=het.estimator)

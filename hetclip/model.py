@@ -19,12 +19,12 @@ import numpy as np
 from hetclip import noise as noise_lib
 from hetclip.config import renamed_message
 from hetclip.data.decode import NORM_SCALE, NORM_SHIFT
+from hetclip.losses import LOSS_KINDS
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
 from hetclip.suggest import did_you_mean
 from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
                             VisionTransformer, compute_dtype)
 
-LOSS_KINDS = ("softmax", "sigmoid")
 SIGLIP_BIAS_INIT = -10.0
 
 
@@ -201,6 +201,16 @@ class DualEncoder(nn.Module):
             raise ValueError(f"logit_bias exists only with loss='sigmoid' (this model has loss={self.config.loss!r})")
         return self._logit_bias
 
+    def loss_inputs(self):
+        """The loss's inputs shared by the whole batch (``hetclip.losses.make_loss``'s ``shared``): ``scale``,
+        SigLIP's ``bias`` and the parameter-efficient HET-XL head's ``C``."""
+        out = {"scale": self.logit_scale()}
+        if self.config.loss == "sigmoid":
+            out["bias"] = self.logit_bias()
+        if self.config.het.enabled and self.config.het.param_efficient:
+            out["C"] = self.het_head.variables["params"]["C"]
+        return out
+
     def __call__(self, images, tokens, *, train: bool = False):
         """Everything at once (used by ``init``; touches every parameter)."""
         out = {"image": self.encode_image(images, train=train), "text": self.encode_text(tokens),
@@ -208,6 +218,22 @@ class DualEncoder(nn.Module):
         if self.config.loss == "sigmoid":
             out["logit_bias"] = self.logit_bias()
         return out
+
+
+def loss_embeddings(model: DualEncoder, params, batch, *, train: bool = True) -> dict:
+    """Per-example loss inputs of both towers, fp32: ``{"mean", "txt"}`` and, with the HET-XL head, ``"noise"``
+    (its per-example part ``d``, ``v`` or ``V``; the shared ``C`` is in ``DualEncoder.loss_inputs``). A batch
+    with ``"features"`` (the image tower's pooled output, computed once for a locked tower) instead of
+    ``"image"`` starts after the tower. Images are CLIP-normalised floats (``normalize_images``)."""
+    if "features" in batch:
+        img = model.apply({"params": params}, batch["features"], method=DualEncoder.project_image)
+    else:
+        img = model.apply({"params": params}, batch["image"], train=train, method=DualEncoder.encode_image)
+    txt = model.apply({"params": params}, batch["text"], method=DualEncoder.encode_text)
+    out = {"mean": img["mean"].astype(jnp.float32), "txt": txt.astype(jnp.float32)}
+    if img["noise"] is not None:
+        out["noise"] = {k: v.astype(jnp.float32) for k, v in img["noise"].items() if k != "C"}
+    return out
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1):

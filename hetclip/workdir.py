@@ -97,7 +97,7 @@ def _describe(holder: dict) -> str:
 def save_or_check_config(config: dict, workdir: str, allow_change: bool, *, write: bool = True) -> None:
     """Write ``WORKDIR/config.json``, or check that a resumed run's config is the saved one."""
     from hetclip import config as config_lib
-    from hetclip.checkpoint import write_json_atomic
+    from hetclip.files import write_json_atomic
 
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):

@@ -373,18 +373,18 @@ def test_init_from_hf_takes_the_towers_and_a_head_only_if_exported(tok, tmp_path
     export.export_hf(source_cfg, hf.unflatten(source), tok, {"image_size": 32}, tmp_path / "hf")
     init = make_params(het_cfg, seed=2)
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), init)
-    got = hf.flatten(jax.device_get(train_lib._init_from_hf(str(tmp_path / "hf"), het_cfg, init, shardings)))
+    got = hf.flatten(jax.device_get(hf.init_groups(str(tmp_path / "hf"), het_cfg, init, shardings)))
     start = hf.flatten(init)
     assert set(got) == set(start)
     for k, v in got.items():
         want = source[k] if (not k.startswith("het_head/") or exported_head) else start[k]
         np.testing.assert_allclose(np.asarray(v), np.asarray(want), rtol=1e-6, atol=1e-6, err_msg=k)
     # LiT: only the image tower; the text tower, head and temperature keep their initialisation
-    got = hf.flatten(jax.device_get(train_lib._init_from_hf(str(tmp_path / "hf"), het_cfg, init, shardings,
+    got = hf.flatten(jax.device_get(hf.init_groups(str(tmp_path / "hf"), het_cfg, init, shardings,
                                                             ("image",))))
     image = {k for k in got if optim_lib.param_group((k.split("/")[0],)) == "image"}
     assert image and any(k.startswith("text_") for k in got) and any(k.startswith("het_head/") for k in got)
     for k, v in got.items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(source[k] if k in image else start[k]), err_msg=k)
     with pytest.raises(config_lib.ConfigError, match="init_from_hf_groups.*'vision'"):
-        train_lib._init_from_hf(str(tmp_path / "hf"), het_cfg, init, shardings, ("vision",))
+        hf.init_groups(str(tmp_path / "hf"), het_cfg, init, shardings, ("vision",))

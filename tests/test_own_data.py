@@ -99,7 +99,7 @@ def test_demo_recipe_with_named_shards_trains_on_them_and_records_them(own, tmp_
     _, meta = ckpt_lib.read_meta(str(work))
     for recorded in (config, meta["config"]):           # ... is what the run records
         assert recorded["data"]["shards"] == own["shards"] and not recorded["demo"]["enabled"]
-        assert recorded["data"]["tokenizer"]["path"] == own["tokenizer"] and recorded["eval"]["tasks"] == []
+        assert recorded["data"]["tokenizer"]["path"] == own["tokenizer"] and recorded["evals"] == []
     assert meta["tokenizer"]["path"] == "tokenizer"     # the tokenizer's files, copied into the run
     assert json.loads((work / "tokenizer" / "tokenizer.json").read_text()) == \
         json.loads((own["root"] / "tokenizer" / "tokenizer.json").read_text())
@@ -124,7 +124,7 @@ def test_demo_recipe_without_shards_records_the_demo_data_it_read(tmp_path, monk
     rc = train_lib.main(["--config", "demo", "--workdir", str(work), f"--config.demo.dir={demo_dir}",
                          "--config.demo.params.num_train=64", "--config.demo.params.shard_size=32",
                          "--config.demo.params.eval_per_class=1", "--config.demo.params.eval_per_combo=1",
-                         "--config.eval.at_end=False", *SMALL])
+                         "--config.evals=[]", *SMALL])
     assert rc == 0, capsys.readouterr().err[-3000:]
     assert len(seen) == 1 and seen[0].startswith(str(demo_dir))
     config = json.loads((work / "config.json").read_text())

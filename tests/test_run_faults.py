@@ -39,7 +39,7 @@ def get_config(arg=""):
     c.data.update(image_size=16, num_workers=0, synthetic={synthetic}, shuffle_buffer=32,
                   tokenizer=dict(kind="hf", path="", context_length=16, lower_case=True))
     c.checkpoint.update(every_steps={every}, keep=5, async_save=True)
-    c.eval.update(at_end=False, batch_size=16)
+    c.evals = []
     c.demo.update(enabled=True, dir={demo!r},
                   params=dict(num_train=96, shard_size=48, image_size=16, eval_per_class=2, eval_per_combo=1,
                               vocab_size=600, context_length=16))

@@ -12,10 +12,14 @@ import pytest
 from hetclip import config as config_lib
 from hetclip import distributed as dist
 from hetclip import optim as optim_lib
+from hetclip import losses
+from hetclip import runsetup
+from hetclip import step as step_lib
 from hetclip import train as train_lib
 from hetclip.configs._base import base_config
 from hetclip.data.bpe import train_bpe
 from hetclip.data.tokenizers import load_tokenizer
+from hetclip.model import normalize_images
 
 WORDS = "a photo of the red green blue small large circle square triangle star on background".split()
 
@@ -42,7 +46,6 @@ def tiny_config(tokenizer_dir, *, het=False, loss="softmax", batch=16, steps=6):
         c.data.update(image_size=16, synthetic=True, num_workers=0,
                       tokenizer=dict(kind="hf", path=tokenizer_dir, context_length=16, lower_case=True))
         c.checkpoint.update(every_steps=2, keep=2, async_save=False)
-        c.eval.update(at_end=False)
     c.lock()
     return c
 
@@ -55,7 +58,7 @@ def _batch(cfg, tok, n, seed=0):
 
 
 def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None, flops=False):
-    mcfg = train_lib.model_config(cfg, tok)
+    mcfg = runsetup.model_config(cfg, tok)
     mesh = dist.make_mesh(-1, fsdp, devices=devices)
     from hetclip.model import init_params
 
@@ -63,7 +66,7 @@ def _step_once(cfg, tok, devices, accum=1, seed=0, fsdp=1, batch=None, flops=Fal
     params = jax.device_put(params, dist.tree_shardings(mesh, params))
     opt, _ = optim_lib.make_optimizer(cfg, params, cfg.total_steps)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.asarray(0)}
-    step = jax.jit(train_lib.make_train_step(mcfg, opt, mesh, accum, optim_lib.frozen_groups(cfg)))
+    step = jax.jit(step_lib.make_train_step(mcfg, opt, mesh, accum, optim_lib.frozen_groups(cfg)))
     batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size, seed) if batch is None else batch, mesh)
     if flops:
         return step.lower(state, batch, jax.random.key(7)).compile().cost_analysis()["flops"]
@@ -79,7 +82,7 @@ def _close(a, b, rtol=2e-4, atol=2e-6):
 def test_a_frozen_tower_gets_no_gradient_no_backward_pass_and_no_share_of_the_clip(tokenizer_dir):
     """LiT: ``freeze.image`` keeps the image tower fixed, leaves it out of the gradient norm that the clipping
     and the logged ``grad_norm`` use (accumulated step), and compiles a step without the image backward pass."""
-    from hetclip.model import DualEncoder, init_params
+    from hetclip.model import DualEncoder, init_params, loss_embeddings
 
     cfg = tiny_config(tokenizer_dir)
     tok = load_tokenizer(cfg.data.tokenizer.to_dict())
@@ -89,7 +92,7 @@ def test_a_frozen_tower_gets_no_gradient_no_backward_pass_and_no_share_of_the_cl
         cfg.freeze.image = True
     assert _step_once(cfg, tok, devices, flops=True) < 0.85 * full
     p_new, metrics = _step_once(cfg, tok, devices, accum=2)
-    mcfg = train_lib.model_config(cfg, tok)
+    mcfg = runsetup.model_config(cfg, tok)
     p0 = jax.device_get(init_params(mcfg, jax.random.key(1)))
     image = {k for k in p0 if optim_lib.param_group((k,)) == "image"}
     assert image and all(np.array_equal(a, b) for k in image for a, b in
@@ -98,10 +101,12 @@ def test_a_frozen_tower_gets_no_gradient_no_backward_pass_and_no_share_of_the_cl
                                                            jax.tree.leaves(p_new["text_projection"])))
     # reference: the full gradient of the same loss, the image tower's part dropped
     mesh = dist.make_mesh(-1, 1, devices=devices)
-    model, loss_fn = DualEncoder(mcfg), train_lib.make_loss(mcfg, mesh)
+    model, loss_fn = DualEncoder(mcfg), losses.for_model(mcfg, mesh, dist.BATCH_AXES)
     batch = dist.global_batch(_batch(cfg, tok, cfg.batch_size), mesh)
-    batch = dict(batch, image=train_lib.normalize_images(batch["image"]))
-    grads = jax.grad(lambda p: loss_fn(p, train_lib.embed(model, p, batch), jax.random.key(7))[0])(p0)
+    batch = dict(batch, image=normalize_images(batch["image"]))
+    grads = jax.grad(lambda p: loss_fn(loss_embeddings(model, p, batch),
+                                       model.apply({"params": p}, method=DualEncoder.loss_inputs),
+                                       jax.random.key(7))[0])(p0)
     trainable = {k: v for k, v in grads.items() if k not in image}
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(trainable), rtol=1e-4)
     assert optax.tree.norm({k: grads[k] for k in image}) > 0.1 * optax.tree.norm(trainable)  # it would count
@@ -123,7 +128,7 @@ def test_uint8_batches_are_normalised_in_the_step_as_on_the_host(tokenizer_dir):
     rng = np.random.default_rng(0)
     u8 = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     u8[0, 0, :2] = [[0, 0, 0], [255, 255, 255]]
-    device = np.asarray(jax.jit(train_lib.normalize_images)(u8))
+    device = np.asarray(jax.jit(normalize_images)(u8))
     reference = (u8 / 255.0 - np.asarray(decode.CLIP_MEAN)) / np.asarray(decode.CLIP_STD)  # float64
     assert device.dtype == np.float32
     assert np.abs(device - reference).max() <= 1e-6
@@ -171,11 +176,11 @@ def test_gradient_accumulation_keeps_whole_batch_negatives(tokenizer_dir, het):
 
 def test_micro_split_and_merge_are_inverse():
     x = jnp.arange(48).reshape(24, 2)
-    y = train_lib._micro_split(x, 3, 4)
+    y = step_lib._micro_split(x, 3, 4)
     assert y.shape == (3, 8, 2)
     # micro-batch 0 takes the first 2 rows of each of the 4 device shards
     np.testing.assert_array_equal(y[0, :, 0], [0, 2, 12, 14, 24, 26, 36, 38])
-    np.testing.assert_array_equal(train_lib._micro_merge(y, 4), x)
+    np.testing.assert_array_equal(step_lib._micro_merge(y, 4), x)
 
 
 def test_weight_decay_mask_groups_and_freezing(tokenizer_dir):
@@ -185,7 +190,7 @@ def test_weight_decay_mask_groups_and_freezing(tokenizer_dir):
         cfg.optim.lr_mults.text = 0.0
     tok = load_tokenizer(cfg.data.tokenizer.to_dict())
     p0 = jax.device_get(__import__("hetclip.model", fromlist=["x"]).init_params(
-        train_lib.model_config(cfg, tok), jax.random.key(1)))
+        runsetup.model_config(cfg, tok), jax.random.key(1)))
     p1, _ = _step_once(cfg, tok, jax.devices()[:1])
     _close(p0["vision_model"], p1["vision_model"], rtol=0, atol=0)
     _close(p0["text_model"], p1["text_model"], rtol=0, atol=0)
@@ -256,15 +261,15 @@ def test_guard_keeps_the_first_non_finite_step():
     def fake_step(state, batch, key):
         return {"step": state["step"] + 1}, {"loss": batch[0], "grad_norm": batch[1], "param_norm": jnp.float32(2)}
 
-    step = jax.jit(train_lib.guarded(fake_step), donate_argnums=(0, 1))
-    state, guard = {"step": jnp.asarray(0, jnp.int32)}, train_lib.new_guard()
+    step = jax.jit(step_lib.guarded(fake_step), donate_argnums=(0, 1))
+    state, guard = {"step": jnp.asarray(0, jnp.int32)}, step_lib.new_guard()
     for row in ((1.0, 1.0), (2.0, 1.0), (3.0, np.inf), (np.nan, 1.0), (4.0, 1.0)):
-        train_lib._check_guard(jax.device_get(guard)) if int(state["step"]) < 2 else None
+        step_lib.check_guard(jax.device_get(guard)) if int(state["step"]) < 2 else None
         state, guard, _ = step(state, guard, jnp.asarray(row, jnp.float32), jax.random.key(0))
     g = jax.device_get(guard)
     assert int(g["step"]) == 3
     with pytest.raises(train_lib.TrainingError, match=r"non-finite grad_norm \(inf\) at step 3;"):
-        train_lib._check_guard(g)
+        step_lib.check_guard(g)
 
 
 @pytest.mark.parametrize("log_every", [1, 4])

@@ -32,10 +32,11 @@ def test_documented_overrides_are_real_keys(recipe):
 
 def test_list_entry_override_sets_one_task_without_touching_the_recipe():
     cfg = config_lib.load_config("clip_b32")
-    new = config_lib.apply_overrides(cfg, ["eval.tasks.0.dir=/data/imagenet/val"])
-    assert new.eval.tasks[0]["dir"] == "/data/imagenet/val" and new.eval.tasks[0]["name"] == "imagenet"
-    assert cfg.eval.tasks[0]["dir"] == ""
+    new = config_lib.apply_overrides(cfg, ["evals.0.dir=/data/imagenet/val"])
+    assert new.evals[0]["dir"] == "/data/imagenet/val" and new.evals[0]["name"] == "imagenet"
+    assert cfg.evals[0]["dir"] == ""
     with pytest.raises(config_lib.ConfigError, match="has 1 entries"):
-        config_lib.apply_overrides(cfg, ["eval.tasks.1.dir=/x"])
-    with pytest.raises(config_lib.ConfigError, match="unknown config key 'eval.tasks.0.nope'"):
-        config_lib.apply_overrides(cfg, ["eval.tasks.0.nope=1"])
+        config_lib.apply_overrides(cfg, ["evals.1.dir=/x"])
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'evals.0.nope'"):
+        config_lib.apply_overrides(cfg, ["evals.0.nope=1"])
+    assert config_lib.apply_overrides(cfg, ["evals=[]"]).evals == []

@@ -45,11 +45,25 @@ log = logging.getLogger(__name__)
 
 
 class BatchedEncoder:
-    """Wrap ``fn(x [B, ...], *args) -> [B, ...]``: pad to ``batch_size``, shard over devices, unpad."""
+    """Wrap ``fn(x [B, ...], *args) -> [B, ...]``: pad to ``batch_size``, shard over devices, unpad.
 
-    def __init__(self, fn: Callable, batch_size: int, *, shard: Optional[bool] = None, devices=None):
+    With ``mesh`` (training's device mesh) the batch is split over all of its axes, so the encoder runs
+    where the parameters already live; across processes every process passes the same batch and gets
+    the whole output back. Without it, the batch is split over ``devices`` (default: all) when it
+    divides evenly (``shard=None``)."""
+
+    def __init__(self, fn: Callable, batch_size: int, *, shard: Optional[bool] = None, devices=None, mesh=None):
         self.fn = fn
         self.batch_size = int(batch_size)
+        if mesh is not None:
+            if shard is False:
+                self.sharding = None
+            elif self.batch_size % mesh.devices.size:
+                raise ValueError(f"evaluation batch size {self.batch_size} is not a multiple of the mesh's "
+                                 f"{mesh.devices.size} devices")
+            else:
+                self.sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+            return
         devices = list(devices if devices is not None else jax.devices())
         if shard is None:
             shard = len(devices) > 1 and self.batch_size % len(devices) == 0
@@ -67,8 +81,27 @@ class BatchedEncoder:
         n = x.shape[0]
         if n < self.batch_size:
             x = np.concatenate([x, np.repeat(x[:1], self.batch_size - n, axis=0)], 0)
-        x = jax.device_put(x, self.sharding) if self.sharding is not None else jnp.asarray(x)
-        return jax.tree.map(lambda y: y[:n], self.fn(_model_input(x), *args))
+        out = self.fn(_model_input(put_batch(x, self.sharding)), *args)
+        return jax.tree.map(lambda y: _whole(y)[:n], out)
+
+
+def put_batch(x: np.ndarray, sharding):
+    """A host batch on the devices of ``sharding`` (None: the default device); across processes every
+    process holds the same ``x`` and places the rows of its own devices."""
+    if sharding is None:
+        return jnp.asarray(x)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _whole(y):
+    """``y`` readable by this process: an array spread over several processes is gathered."""
+    if isinstance(y, jax.Array) and not y.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(y, tiled=True)
+    return y
 
 
 _model_input = jax.jit(normalize_images)
@@ -121,8 +154,8 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
                        sample_image: Optional[Callable] = None, mc_samples: int = 0, key=None,
                        batch_size: Optional[int] = None, shard: Optional[bool] = None,
                        progress=None, topk: Sequence[int] = (1, 5), reliability: Optional[dict] = None,
-                       encode_image_and_noise: Optional[Callable] = None, per_image: Optional[dict] = None
-                       ) -> Dict[str, float]:
+                       encode_image_and_noise: Optional[Callable] = None, per_image: Optional[dict] = None,
+                       mesh=None) -> Dict[str, float]:
     """Metrics over ``batches`` of ``(images, labels)`` (or dicts with ``image``/``label``).
 
     ``classifier`` is ``[C, D]`` with unit rows. With ``batch_size`` given, encoders are wrapped in
@@ -146,8 +179,8 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
         if key is None:
             key = jax.random.PRNGKey(0)
     image_fn = encode_image_and_noise or encode_image
-    enc = BatchedEncoder(image_fn, batch_size, shard=shard) if batch_size else _normalising(image_fn)
-    samp = (BatchedEncoder(sample_image, batch_size, shard=shard) if batch_size and sample_image
+    enc = BatchedEncoder(image_fn, batch_size, shard=shard, mesh=mesh) if batch_size else _normalising(image_fn)
+    samp = (BatchedEncoder(sample_image, batch_size, shard=shard, mesh=mesh) if batch_size and sample_image
             else _normalising(sample_image))
     det = ClassificationMeter(num_classes, topk)
     mc = ClassificationMeter(num_classes, topk) if mc_samples > 0 else None
@@ -206,10 +239,10 @@ def evaluate_zero_shot(encode_image: Callable, classifier, batches: Iterable, lo
 def evaluate_retrieval(encode_image: Callable, encode_text: Callable, tokenizer, batches: Iterable, *,
                        batch_size: Optional[int] = None, text_batch_size: int = 256,
                        shard: Optional[bool] = None, ks: Sequence[int] = (1, 5, 10),
-                       progress=None) -> Dict[str, float]:
+                       progress=None, mesh=None) -> Dict[str, float]:
     """Recall@k both ways over ``batches`` of ``(images, captions)`` where ``captions[i]`` is a list
     of the captions of image ``i`` (or a single string)."""
-    enc = BatchedEncoder(encode_image, batch_size, shard=shard) if batch_size else _normalising(encode_image)
+    enc = BatchedEncoder(encode_image, batch_size, shard=shard, mesh=mesh) if batch_size else _normalising(encode_image)
     img_emb, texts, owner = [], [], []
     n = 0
     for batch in batches:
@@ -310,7 +343,8 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
                   seed: int = 0, workers: int = 2, resize_size: Optional[int] = None,
                   max_bad_fraction: float = 0.01,
                   model_id: Optional[str] = None, cache_dir: Optional[str] = None, memory_cache=None,
-                  shard: Optional[bool] = None, progress: bool = False, per_image: bool = False) -> Dict[str, Any]:
+                  shard: Optional[bool] = None, progress: bool = False, per_image: bool = False,
+                  mesh=None) -> Dict[str, Any]:
     """Zero-shot evaluation of ``encoders`` (``image_embeddings``, ``text_embeddings``, ``logit_scale``,
     optional ``image_samples``) on a class-folder tree, an ImageNet val folder or ``.cls`` shards.
 
@@ -346,7 +380,7 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
                                      sample_image=sampler, mc_samples=mc_samples,
                                      key=jax.random.PRNGKey(seed), batch_size=batch_size, shard=shard,
                                      progress=bar, reliability=reliability, per_image=images,
-                                     encode_image_and_noise=noise_fn)
+                                     encode_image_and_noise=noise_fn, mesh=mesh)
     finally:
         batches.close()
         if bar is not None:
@@ -374,7 +408,7 @@ def run_zero_shot(encoders, tokenizer, dataset_dir: str,
 def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, batch_size: int = 64,
                   text_batch_size: int = 256, limit: Optional[int] = None, workers: int = 2,
                   resize_size: Optional[int] = None, shard: Optional[bool] = None,
-                  max_bad_fraction: float = 0.01, progress: bool = False) -> Dict[str, Any]:
+                  max_bad_fraction: float = 0.01, progress: bool = False, mesh=None) -> Dict[str, Any]:
     """Image–text retrieval recall@{1,5,10} on webdataset shards (``KEY.jpg`` + ``KEY.txt``)."""
     source = ds.WdsRetrieval(shards)
     batches = ds.eval_batches(source, image_size, batch_size, workers=workers, limit=limit,
@@ -383,7 +417,7 @@ def run_retrieval(encoders, tokenizer, shards: str, image_size: int = 224, *, ba
     try:
         metrics = evaluate_retrieval(encoders.image_embeddings, encoders.text_embeddings, tokenizer, batches,
                                      batch_size=batch_size, text_batch_size=text_batch_size, shard=shard,
-                                     progress=bar)
+                                     progress=bar, mesh=mesh)
     finally:
         batches.close()
         if bar is not None:

@@ -1,0 +1,51 @@
+"""Zero-shot classification: a class-folder tree, ``.cls`` shards or ImageNet's validation folders, with
+one prompt classifier built from the class names and templates (``hetclip.zero_shot.evaluate``)."""
+from __future__ import annotations
+
+import os
+
+from hetclip.config import ConfigError
+
+DEFAULTS = {
+    "dir": "",                # data: class folders, .cls shards, or ImageNet val (layout="imagenet")
+    "layout": "auto",         # auto: folders or shards with their own class names; imagenet: WNID folders
+    "classnames": "",         # a file or "" (the data's own)
+    "templates": "clip80",    # a template set (clip80, clip7, bare) or a file
+    "batch_size": 256,
+    "mc_samples": 0,          # HET-XL Monte-Carlo samples for the predictive (0: deterministic only)
+    "limit": 0,               # at most this many images (0: all)
+    "canonicalize": False,    # lower-case and strip punctuation from class names and prompts
+    "per_image": False,       # keep each image's prediction, confidence, entropy and noise size
+}
+LAYOUTS = ("auto", "imagenet")
+
+
+class Evaluator:
+    def __init__(self, spec: dict, ctx):
+        if spec["layout"] not in LAYOUTS:
+            raise ConfigError(f"evaluator {spec['name']!r}: layout={spec['layout']!r} is not one of {LAYOUTS}")
+        if spec["layout"] == "imagenet" and spec["classnames"]:
+            raise ConfigError(f"evaluator {spec['name']!r}: layout='imagenet' uses the built-in ImageNet class "
+                              "names; leave classnames empty")
+        if spec["batch_size"] < 1 or spec["mc_samples"] < 0 or spec["limit"] < 0:
+            raise ConfigError(f"evaluator {spec['name']!r}: batch_size must be >= 1, mc_samples and limit >= 0")
+        if spec["mc_samples"] and not ctx.model_cfg.het.enabled:
+            raise ConfigError(f"evaluator {spec['name']!r}: mc_samples={spec['mc_samples']} needs the HET-XL head "
+                              "(model.het.enabled=False)")
+        self.spec, self.ctx = spec, ctx
+
+    def run(self, encoders) -> dict:
+        from hetclip.zero_shot.evaluate import run_zero_shot
+
+        s, ctx = self.spec, self.ctx
+        if not s["dir"]:
+            raise ConfigError(f"evaluator {s['name']!r} has no dir; set it (--config.evals.N.dir=...) or remove "
+                              "the entry")
+        if not os.path.exists(s["dir"]) and "{" not in s["dir"] and "::" not in s["dir"]:
+            raise ConfigError(f"evaluator {s['name']!r}: dir {s['dir']!r} does not exist")
+        return run_zero_shot(encoders, ctx.tokenizer, s["dir"], classnames=s["classnames"] or None,
+                             templates=s["templates"], image_size=ctx.input_size, imagenet=s["layout"] == "imagenet",
+                             canonicalize=s["canonicalize"], batch_size=s["batch_size"],
+                             mc_samples=s["mc_samples"], limit=s["limit"] or None, seed=ctx.seed,
+                             workers=ctx.workers, resize_size=ctx.resize_size, model_id=ctx.model_id,
+                             progress=ctx.progress, per_image=s["per_image"], mesh=ctx.mesh)
