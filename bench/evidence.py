@@ -1,5 +1,6 @@
-"""The contrastive comparison at a scale this machine can run: writes ``docs/RESULTS_contrastive.md``
-(+ JSON, + a PNG figure beside it).
+"""The contrastive comparison at a scale this machine can run: writes a markdown report (default
+``bench/results/evidence.md``; ``docs/RESULTS_contrastive.md`` collects the recorded ones), the JSON and a PNG
+figure beside the report.
 
     python bench/evidence.py [--seeds 3] [--steps 400] [--noise 0.5] [--noise-easy 0] [--quick]
 
@@ -157,7 +158,7 @@ def main(argv=None):
                    help="caption corruption probability for the other (easy) samples")
     p.add_argument("--fixed-temperatures", default="0.03,0.1,0.3")
     p.add_argument("--quick", action="store_true", help="1 seed, 60 steps (a smoke run, not evidence)")
-    p.add_argument("--out", default="docs/RESULTS_contrastive.md")
+    p.add_argument("--out", default="bench/results/evidence.md")
     p.add_argument("--figure", default=None,
                    help="PNG path; default: beside --out with the same stem, .png ('' = no figure)")
     p.add_argument("--json", default="bench/results/evidence.json")

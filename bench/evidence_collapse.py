@@ -4,7 +4,7 @@ DET reference, on two kinds of caption noise.
 
     python bench/evidence_collapse.py --pretrained RUN_OR_EXPORT --demo-data DIR [--seeds 0,1]
         [--steps 1000] [--settings recipe,head_wd_0,...] [--captions colour,plain] [--root DIR]
-        [--json bench/results/evidence_collapse.json] [--out docs/RESULTS_collapse.md]
+        [--json bench/results/evidence_collapse.json] [--out bench/results/evidence_collapse.md]
 
 Caption kinds (both: ``color_partner`` noise, probability ``--noise`` on warm-coloured objects, whose
 caption names the look-alike shape):
@@ -182,7 +182,7 @@ def main(argv=None):
                     "of the trained recipe model's noise, per number of MC samples (``mechanism``)")
     ap.add_argument("--root", default="runs/evidence_collapse")
     ap.add_argument("--json", default="bench/results/evidence_collapse.json")
-    ap.add_argument("--out", default="docs/RESULTS_collapse.md")
+    ap.add_argument("--out", default="bench/results/evidence_collapse.md")
     args = ap.parse_args(argv)
     from hetclip.data.demo import PARTNER_COLORS
 

@@ -1,11 +1,11 @@
 """The contrastive comparison without the training limit (LiT): a locked image tower pretrained on clean
 captions, then a text tower from scratch + temperature + (HET-XL arm) a new head, DET vs HET-XL, trained on
 captions with input-dependent noise. Writes a markdown report, the JSON with every per-seed number and a
-figure.
+figure (``docs/RESULTS_lit.md`` collects the recorded reports).
 
     python bench/evidence_lit.py [--pretrained EXPORT_DIR] [--seeds 5] [--steps 1000] [--noise 0,0.4]
-        [--noise-rule color_partner] [--image-tower locked] [--jobs 2] [--root DIR] [--out docs/RESULTS_lit.md]
-        [--json bench/results/evidence_lit.json] [--figure docs/RESULTS_lit.png]
+        [--noise-rule color_partner] [--image-tower locked] [--jobs 2] [--root DIR] [--out bench/results/evidence_lit.md]
+        [--json bench/results/evidence_lit.json] [--figure bench/results/evidence_lit.png]
 
 1. Pretraining (skipped with ``--pretrained``): the README's main job (``--config demo``, DET, clean demo
    data, 900 steps), exported to Hugging Face format.
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
                          "repeatable")
     ap.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     ap.add_argument("--root", default=os.path.join(REPO, "runs", "evidence_lit"), help="data and run directories")
-    ap.add_argument("--out", default=os.path.join(REPO, "docs", "RESULTS_lit.md"))
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "evidence_lit.md"))
     ap.add_argument("--json", default=os.path.join(REPO, "bench", "results", "evidence_lit.json"))
     ap.add_argument("--figure", default=None, help="PNG path (default: --out with .png; '' for none)")
     ap.add_argument("--from-json", action="store_true", help="only write the report and figure from --json")

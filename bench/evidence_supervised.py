@@ -1,6 +1,6 @@
 """The paper's own setting, small: DET vs HET vs HET-XL classifier heads under input-dependent label
 noise, on scikit-learn's digits (8x8 images, 10 classes, shipped offline). Writes a markdown report
-(+ JSON, + PNG figure).
+(+ JSON, + PNG figure; ``docs/RESULTS_supervised.md`` collects the recorded reports).
 
     python bench/evidence_supervised.py [--seeds 5] [--steps 4000] [--flip-probs 0,0.2,0.4] [--hard-rule ink]
 
@@ -625,7 +625,7 @@ def main(argv=None):
     p.add_argument("--split-seed", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[0],
                    help="train/test split seed(s); with several, (split, seed) is the pairing unit")
     p.add_argument("--title", default="")
-    p.add_argument("--out", default="docs/RESULTS_supervised.md")
+    p.add_argument("--out", default="bench/results/evidence_supervised.md")
     p.add_argument("--json", default="bench/results/evidence_supervised.json")
     p.add_argument("--figure", default=None,
                    help="PNG path; default: beside --out with the same stem, .png ('' = no figure)")

@@ -1,4 +1,4 @@
-"""HET-XL heads: the contrastive embedding-noise head and the learned temperature (DESIGN §2), and
+"""HET-XL heads: the contrastive embedding-noise head and the learned temperature (docs/DESIGN.md §3, §5), and
 ``low_rank_noise``, the input-dependent Gaussian shared with ``hetclip.supervised_heads``.
 
 Noise is represented as in ``hetclip.noise``: ``{"d", "v", "C"}`` (parameter-efficient) or

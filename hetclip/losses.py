@@ -18,7 +18,7 @@ Two implementations of each:
   receives the columns of its own texts. Each device sums the loss terms of its own rows (i2t) and
   its own columns (t2i); the total is ``psum``-ed and divided by the global batch ``N``.
 
-HET-XL (DESIGN §2): ``z_is = μ_i + V(h_i) e_is + d(h_i) ⊙ e'_is``, ``ẑ_is = z_is / ‖z_is‖``,
+HET-XL (docs/DESIGN.md §6): ``z_is = μ_i + V(h_i) e_is + d(h_i) ⊙ e'_is``, ``ẑ_is = z_is / ‖z_is‖``,
 ``l[i,s,j] = scale · ẑ_is·t̂_j``,
 ``L_i2t = −mean_i[logsumexp_s(l[i,s,i] − logsumexp_j l[i,s,j]) − log S]``,
 ``L_t2i = −mean_j[logsumexp_s(l[j,s,j] − logsumexp_i l[i,s,j]) − log S]``, ``L = (L_i2t + L_t2i)/2``.
@@ -274,7 +274,7 @@ def clip_loss(img, txt, scale, *, axis_name: AxisName = None, class_chunk: Optio
 def hetxl_loss(mean, noise, txt, scale, key, *, mc_samples: int, sample_chunk: Optional[int] = None,
                class_chunk: Optional[int] = None, axis_name: AxisName = None,
                matmul_dtype=None, estimator: str = "mc") -> tuple[jax.Array, Aux]:
-    """Contrastive HET-XL MC-softmax loss (DESIGN §2), chunked over samples and classes.
+    """Contrastive HET-XL MC-softmax loss (docs/DESIGN.md §6, §7), chunked over samples and classes.
 
     ``mean [B, D]`` unnormalised image means, ``noise`` the head's noise dict (``hetclip.noise``),
     ``txt [B, D]``, ``scale = 1/τ``, ``key`` the noise PRNG key (same on every device).

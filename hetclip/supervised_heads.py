@@ -1,5 +1,5 @@
-"""The paper's supervised classifier heads (DESIGN §2): DET, HET (noise on the logits) and HET-XL
-(noise on the pre-logits), with their Monte-Carlo predictives and the classification loss.
+"""The paper's supervised classifier heads (docs/DESIGN.md §3–§5): DET, HET (noise on the logits)
+and HET-XL (noise on the pre-logits), with their Monte-Carlo predictives and the classification loss.
 
 Noise parameters come from ``hetclip.heads.low_rank_noise``; samples are keyed by
 ``(key, sample, example)`` as in ``hetclip.noise``.

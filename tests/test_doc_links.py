@@ -28,8 +28,8 @@ def relative_links(text: str) -> list[str]:
 
 def test_relative_links_are_found_and_code_is_skipped():
     text = ("See [the design](docs/A.md#math), ![fig](R.png \"a figure\"), [web](https://x.org/a.md), [top](#top)\n"
-            "and `[not](a link)`.\n```\n[nor](this.md)\n```\n[ref]: ../shared/DESIGN.md\n")
-    assert relative_links(text) == ["docs/A.md", "R.png", "../shared/DESIGN.md"]
+            "and `[not](a link)`.\n```\n[nor](this.md)\n```\n[ref]: ../elsewhere/NOTES.md\n")
+    assert relative_links(text) == ["docs/A.md", "R.png", "../elsewhere/NOTES.md"]
 
 
 def quoted_paths(text: str) -> list[str]:

@@ -22,7 +22,7 @@ def test_help_lists_recipes_and_overrides(capsys):
 @pytest.mark.parametrize("recipe", ["clip_b32:het", "clip_l14"])
 def test_documented_overrides_are_real_keys(recipe):
     cfg = config_lib.load_config(recipe)
-    examples = {"N": "64", "K": "2", "S": "4", "DIR": "/tmp/tok", "auto|bfloat16|float32": "bfloat16",
+    examples = {"N": "64", "K": "2", "S": "4", "DIR": "tokenizer", "auto|bfloat16|float32": "bfloat16",
                 "auto|xla|cudnn": "xla"}
     for entry, _ in config_lib.COMMON_OVERRIDES:
         for part in entry.split(" / "):
