@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from hetclip import evals
 from hetclip.zero_shot import evaluate as ev
 from hetclip.zero_shot import report, uncertainty
 from hetclip.zero_shot.templates import TEMPLATE_SETS, load_templates
@@ -126,14 +127,17 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     het = getattr(getattr(ck["encoders"], "config", None), "het", None)
     if args.mc_samples and het is not None and not het.enabled:
         raise ValueError("--mc-samples needs a model with the HET-XL head (het.enabled=False)")
-    result = ev.run_zero_shot(
-        ck["encoders"], ck["tokenizer"], args.imagenet or args.data, args.classnames, args.templates,
-        ck["image_size"], imagenet=bool(args.imagenet), canonicalize=args.canonicalize,
-        batch_size=args.batch_size, text_batch_size=args.text_batch_size, limit=args.limit,
-        mc_samples=args.mc_samples, seed=args.seed, workers=args.workers, resize_size=ck["resize_size"],
-        max_bad_fraction=args.max_bad_fraction,
-        model_id=ck["model_id"], cache_dir=args.cache_dir, shard=False if args.no_shard else None,
-        progress=not args.no_progress, per_image=not args.no_per_image and bool(args.per_image or args.out))
+    ctx = evals.Context(ck["encoders"].config, ck["tokenizer"], seed=args.seed, workers=args.workers,
+                        image_size=ck["image_size"], resize_size=ck["resize_size"], model_id=ck["model_id"],
+                        progress=not args.no_progress, shard=False if args.no_shard else None)
+    evaluator = evals.build({"kind": "zero_shot", "name": "zero-shot", "dir": args.imagenet or args.data,
+                             "layout": "imagenet" if args.imagenet else "auto", "classnames": args.classnames or "",
+                             "templates": args.templates, "canonicalize": args.canonicalize,
+                             "batch_size": args.batch_size, "text_batch_size": args.text_batch_size,
+                             "limit": args.limit or 0, "mc_samples": args.mc_samples,
+                             "max_bad_fraction": args.max_bad_fraction, "cache_dir": args.cache_dir or "",
+                             "per_image": not args.no_per_image and bool(args.per_image or args.out)}, ctx, "hetclip-zero-shot")
+    result = evaluator.run(ck["encoders"])
     images = result.pop("per_image", None)
     result.update(ck["info"])
     result["command"] = "hetclip-zero-shot"
@@ -201,10 +205,12 @@ def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
     _positive("--limit", args.limit)
     _check_out(args.out)
     ck = ev.load_model(args.checkpoint, args.step)
-    result = ev.run_retrieval(ck["encoders"], ck["tokenizer"], args.data, ck["image_size"],
-                           batch_size=args.batch_size, text_batch_size=args.text_batch_size, limit=args.limit,
-                           workers=args.workers, resize_size=ck["resize_size"],
-                           max_bad_fraction=args.max_bad_fraction, shard=False if args.no_shard else None, progress=not args.no_progress)
+    ctx = evals.Context(ck["encoders"].config, ck["tokenizer"], workers=args.workers, image_size=ck["image_size"],
+                        resize_size=ck["resize_size"], model_id=ck["model_id"], progress=not args.no_progress,
+                        shard=False if args.no_shard else None)
+    result = evals.build({"kind": "retrieval", "dir": args.data, "batch_size": args.batch_size,
+                          "text_batch_size": args.text_batch_size, "limit": args.limit or 0,
+                          "max_bad_fraction": args.max_bad_fraction}, ctx, "hetclip-retrieval").run(ck["encoders"])
     result.update(ck["info"])
     result["command"] = "hetclip-retrieval"
     result["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat()

@@ -35,6 +35,7 @@ class Context:
     resize_size: int | None = None      # shortest side before the centre crop; default: image_size
     model_id: str | None = None         # names the model in caches and reports
     progress: bool = False
+    shard: bool | None = None           # without a mesh: split batches over the local devices (None: when even)
 
     @property
     def input_size(self) -> int:

@@ -9,6 +9,7 @@ DEFAULTS = {
     "batch_size": 256,
     "text_batch_size": 256,
     "limit": 0,         # at most this many images (0: all)
+    "max_bad_fraction": 0.01,
 }
 
 
@@ -26,4 +27,5 @@ class Evaluator:
             raise ConfigError(f"evaluator {s['name']!r} has no dir; set it or remove the entry")
         return run_retrieval(encoders, ctx.tokenizer, s["dir"], ctx.input_size, batch_size=s["batch_size"],
                              text_batch_size=s["text_batch_size"], limit=s["limit"] or None, workers=ctx.workers,
-                             resize_size=ctx.resize_size, progress=ctx.progress, mesh=ctx.mesh)
+                             resize_size=ctx.resize_size, max_bad_fraction=s["max_bad_fraction"], shard=ctx.shard,
+                             progress=ctx.progress, mesh=ctx.mesh)

@@ -2,8 +2,6 @@
 one prompt classifier built from the class names and templates (``hetclip.zero_shot.evaluate``)."""
 from __future__ import annotations
 
-import os
-
 from hetclip.config import ConfigError
 
 DEFAULTS = {
@@ -16,6 +14,9 @@ DEFAULTS = {
     "limit": 0,               # at most this many images (0: all)
     "canonicalize": False,    # lower-case and strip punctuation from class names and prompts
     "per_image": False,       # keep each image's prediction, confidence, entropy and noise size
+    "text_batch_size": 256,
+    "max_bad_fraction": 0.01, # more unusable images than this fraction is an error
+    "cache_dir": "",          # cache the prompt classifier's weights here ("": no cache)
 }
 LAYOUTS = ("auto", "imagenet")
 
@@ -27,8 +28,8 @@ class Evaluator:
         if spec["layout"] == "imagenet" and spec["classnames"]:
             raise ConfigError(f"evaluator {spec['name']!r}: layout='imagenet' uses the built-in ImageNet class "
                               "names; leave classnames empty")
-        if spec["batch_size"] < 1 or spec["mc_samples"] < 0 or spec["limit"] < 0:
-            raise ConfigError(f"evaluator {spec['name']!r}: batch_size must be >= 1, mc_samples and limit >= 0")
+        if spec["batch_size"] < 1 or spec["text_batch_size"] < 1 or spec["mc_samples"] < 0 or spec["limit"] < 0:
+            raise ConfigError(f"evaluator {spec['name']!r}: batch sizes must be >= 1, mc_samples and limit >= 0")
         if spec["mc_samples"] and not ctx.model_cfg.het.enabled:
             raise ConfigError(f"evaluator {spec['name']!r}: mc_samples={spec['mc_samples']} needs the HET-XL head "
                               "(model.het.enabled=False)")
@@ -41,11 +42,11 @@ class Evaluator:
         if not s["dir"]:
             raise ConfigError(f"evaluator {s['name']!r} has no dir; set it (--config.evals.N.dir=...) or remove "
                               "the entry")
-        if not os.path.exists(s["dir"]) and "{" not in s["dir"] and "::" not in s["dir"]:
-            raise ConfigError(f"evaluator {s['name']!r}: dir {s['dir']!r} does not exist")
         return run_zero_shot(encoders, ctx.tokenizer, s["dir"], classnames=s["classnames"] or None,
                              templates=s["templates"], image_size=ctx.input_size, imagenet=s["layout"] == "imagenet",
                              canonicalize=s["canonicalize"], batch_size=s["batch_size"],
-                             mc_samples=s["mc_samples"], limit=s["limit"] or None, seed=ctx.seed,
-                             workers=ctx.workers, resize_size=ctx.resize_size, model_id=ctx.model_id,
+                             text_batch_size=s["text_batch_size"], mc_samples=s["mc_samples"],
+                             limit=s["limit"] or None, seed=ctx.seed, workers=ctx.workers,
+                             resize_size=ctx.resize_size, max_bad_fraction=s["max_bad_fraction"],
+                             model_id=ctx.model_id, cache_dir=s["cache_dir"] or None, shard=ctx.shard,
                              progress=ctx.progress, per_image=s["per_image"], mesh=ctx.mesh)
