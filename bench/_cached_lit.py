@@ -1,5 +1,5 @@
 """Contrastive training on cached image features: a locked image tower (LiT) runs once over the data, then the
-text tower, temperature and (HET-XL) head train with the library's own step (``hetclip.train.make_train_step``
+text tower, temperature and (HET-XL) head train with the library's own step (``hetclip.step.make_train_step``
 on ``{"features", "text"}`` batches: ``DualEncoder.project_image`` takes over after the tower). With the
 tower out of the loop a 1000-step run of the demo model takes seconds to a minute on 2 CPU cores, so the
 HET-XL studies (``evidence_collapse.py``, ``evidence_control.py``) can afford many settings and seeds.
@@ -25,7 +25,8 @@ from hetclip import noise as noise_lib
 from hetclip.data import decode, shards
 from hetclip.model import DualEncoder, init_params, normalize_images
 from hetclip.optim import frozen_groups, make_optimizer
-from hetclip.train import make_train_step, model_config
+from hetclip.runsetup import model_config
+from hetclip.step import make_train_step
 from hetclip.zero_shot import uncertainty
 from hetclip.zero_shot.classifier import build_classifier
 from hetclip.zero_shot.evaluate import deterministic_log_probs, mc_log_probs

@@ -3,7 +3,7 @@ matmul ceiling measured in the same run.
 
     python bench/profile_step.py [--model tiny] [--dtype float32] [--het 0] [--batch 64] [--steps 3]
 
-The step is the one ``bench/throughput.py`` times (``hetclip.train.make_train_step``, base-recipe AdamW,
+The step is the one ``bench/throughput.py`` times (``hetclip.step.make_train_step``, base-recipe AdamW,
 donated state). It is compiled once; the optimised HLO names every op XLA:CPU runs, and a JAX profiler
 trace of ``--steps`` steps gives each op's time. Ops are grouped by what they compute:
 

@@ -12,7 +12,7 @@ parameter counts are asserted equal), the same batch, resolution and precision (
 ``torch.autocast(cpu, bfloat16)`` vs hetclip ``dtype='bfloat16'``: bf16 matmul inputs, fp32
 parameters/accumulation),
 the same loss (CLIP softmax), AdamW with global-norm clipping 1.0, and the same thread count.
-hetclip trains with ``hetclip.train.make_train_step`` on a 1-device mesh (donated state) and infers
+hetclip trains with ``hetclip.step.make_train_step`` on a 1-device mesh (donated state) and infers
 through ``hetclip.model.Encoders``. HET-XL variants (S MC samples) run on hetclip only.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``bench/results/throughput``): samples/s, step-time
@@ -109,14 +109,15 @@ def hetclip_inputs(spec: dict):
 def hetclip_train_parts(spec: dict, cfg, params, images, tokens):
     """What the benchmark's training step is made of: ``(jitted step, state, device batch)``.
 
-    The step is ``hetclip.train.make_train_step`` on a 1-device mesh with the base recipe's optimizer,
+    The step is ``hetclip.step.make_train_step`` on a 1-device mesh with the base recipe's optimizer,
     jitted with the state donated; call it as ``step(state, batch, key)``."""
     import jax
     import jax.numpy as jnp
 
     from hetclip import distributed as dist
     from hetclip.configs import _base
-    from hetclip.train import make_optimizer, make_train_step
+    from hetclip.optim import make_optimizer
+    from hetclip.step import make_train_step
 
     run_cfg = _base.base_config(spec["model"])
     run_cfg.optim.warmup_steps = 10

@@ -2,6 +2,7 @@
 import ml_collections
 
 from hetclip.config import ConfigError
+from hetclip.data.decode import DEFAULT_CROP_SCALE
 from hetclip.model import preset
 from hetclip.suggest import did_you_mean
 
@@ -52,7 +53,7 @@ def base_config(model: str = "B/32", *, het: bool = False, **model_overrides) ->
         epoch_size=0,  # samples per epoch; 0: from sizes.json
         image_size=preset(model).vision.image_size,
         caption_key="txt",
-        crop_scale=(0.9, 1.0),
+        crop_scale=DEFAULT_CROP_SCALE,  # the random resized crop's area range (hetclip.data.decode)
         shuffle_buffer=10_000,
         max_bad_fraction=0.01,  # of the samples read: undecodable, no caption ...
         max_bad_shard_fraction=0.01,  # of the shards: unreadable, truncated or empty (listed in summary.json)

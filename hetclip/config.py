@@ -275,7 +275,7 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node = cfg
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list) and part.isdigit():  # an entry of a list of groups: eval.tasks.0.dir
+        if isinstance(node, list) and part.isdigit():  # an entry of a list of groups: evals.0.dir
             if int(part) >= len(node) or not isinstance(node[int(part)], (dict, ml_collections.ConfigDict)):
                 raise ConfigError(f"config key {'.'.join(parts[:i])!r} has {len(node)} entries; "
                                   f"{'.'.join(parts[:i + 1])!r} is not one of its groups (in override {key}={raw})")

@@ -62,7 +62,7 @@ def _train(run: Run, *, progress: bool, max_steps: int | None) -> dict:
                                   resume_step=step)
     end_step = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     bar = runlog.Progress(run.total_steps, initial=step, enabled=main and progress)
-    say = (bar.write if progress else lambda m: print(m, flush=True)) if main else (lambda m: None)
+    say = bar.write if main else None
     logit_scale = jax.jit(lambda p: DualEncoder(run.model_cfg).apply({"params": p}, method=DualEncoder.logit_scale))
     saver = Saver(ckpt, cfg.checkpoint.every_steps, metadata(run), logit_scale, step)
     window = LogWindow(cfg.log_every, cfg.batch_size)

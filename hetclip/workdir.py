@@ -10,7 +10,7 @@ Layout::
     WORKDIR/tokenizer/            a copy of the tokenizer's files
     WORKDIR/checkpoints/STEP/     orbax steps (hetclip.checkpoint)
     WORKDIR/damaged_checkpoints/  steps that failed verification on resume, set aside
-    WORKDIR/metrics.jsonl, summary.json, zero_shot_step*.json, export_*/
+    WORKDIR/metrics.jsonl, summary.json, eval_step*.json, export_*/
 """
 from __future__ import annotations
 

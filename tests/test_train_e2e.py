@@ -31,8 +31,8 @@ def get_config(arg=""):
     c.data.update(image_size=32, num_workers={workers}, shuffle_buffer=64, synthetic={synthetic},
                   tokenizer=dict(kind="hf", path="", context_length=16, lower_case=True))
     c.checkpoint.update(every_steps={every}, keep=3, async_save=True)
-    for entry in c.evals:
-        entry.update(at_end={eval_at_end}, batch_size=64, limit=64, mc_samples=4 if het else 0)
+    c.evals = [dict(kind="zero_shot", name=task, at_end={eval_at_end}, batch_size=64, limit=64,
+                    mc_samples=4 if het else 0) for task in ("shape", "color", "shape_color")]  # the demo's tasks
     c.export.update(format="{export}")
     c.demo.update(enabled=True, dir="{demo_dir}",
                   params=dict(num_train=384, shard_size=96, image_size=32, eval_per_class=4, eval_per_combo=1,

@@ -127,16 +127,15 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
     het = getattr(getattr(ck["encoders"], "config", None), "het", None)
     if args.mc_samples and het is not None and not het.enabled:
         raise ValueError("--mc-samples needs a model with the HET-XL head (het.enabled=False)")
-    ctx = evals.Context(ck["encoders"].config, ck["tokenizer"], seed=args.seed, workers=args.workers,
-                        image_size=ck["image_size"], resize_size=ck["resize_size"], model_id=ck["model_id"],
-                        progress=not args.no_progress, shard=False if args.no_shard else None)
+    ctx = _context(ck, args, seed=args.seed)
     evaluator = evals.build({"kind": "zero_shot", "name": "zero-shot", "dir": args.imagenet or args.data,
                              "layout": "imagenet" if args.imagenet else "auto", "classnames": args.classnames or "",
                              "templates": args.templates, "canonicalize": args.canonicalize,
                              "batch_size": args.batch_size, "text_batch_size": args.text_batch_size,
                              "limit": args.limit or 0, "mc_samples": args.mc_samples,
                              "max_bad_fraction": args.max_bad_fraction, "cache_dir": args.cache_dir or "",
-                             "per_image": not args.no_per_image and bool(args.per_image or args.out)}, ctx, "hetclip-zero-shot")
+                             "per_image": not args.no_per_image and bool(args.per_image or args.out)},
+                            ctx, "hetclip-zero-shot")
     result = evaluator.run(ck["encoders"])
     images = result.pop("per_image", None)
     result.update(ck["info"])
@@ -157,6 +156,13 @@ def run(argv: Sequence[str]) -> Dict[str, Any]:
         print(f"reliability diagram: {write_reliability_plot(result, args.plot, name)}")
         print(f"selective prediction: {write_selective_plot(result, args.plot, name)}")
     return result
+
+
+def _context(ck: Dict[str, Any], args, seed: int = 0) -> "evals.Context":
+    """The evaluators' context for a loaded model (``evaluate.load_model``) and the common arguments."""
+    return evals.Context(getattr(ck["encoders"], "config", None), ck["tokenizer"], seed=seed, workers=args.workers,
+                         image_size=ck["image_size"], resize_size=ck["resize_size"], model_id=ck["model_id"],
+                         progress=not args.no_progress, shard=False if args.no_shard else None)
 
 
 def _selective_text(result: Dict[str, Any]) -> str:
@@ -205,9 +211,7 @@ def retrieval_run(argv: Sequence[str]) -> Dict[str, Any]:
     _positive("--limit", args.limit)
     _check_out(args.out)
     ck = ev.load_model(args.checkpoint, args.step)
-    ctx = evals.Context(ck["encoders"].config, ck["tokenizer"], workers=args.workers, image_size=ck["image_size"],
-                        resize_size=ck["resize_size"], model_id=ck["model_id"], progress=not args.no_progress,
-                        shard=False if args.no_shard else None)
+    ctx = _context(ck, args)
     result = evals.build({"kind": "retrieval", "dir": args.data, "batch_size": args.batch_size,
                           "text_batch_size": args.text_batch_size, "limit": args.limit or 0,
                           "max_bad_fraction": args.max_bad_fraction}, ctx, "hetclip-retrieval").run(ck["encoders"])

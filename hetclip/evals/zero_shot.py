@@ -30,7 +30,7 @@ class Evaluator:
                               "names; leave classnames empty")
         if spec["batch_size"] < 1 or spec["text_batch_size"] < 1 or spec["mc_samples"] < 0 or spec["limit"] < 0:
             raise ConfigError(f"evaluator {spec['name']!r}: batch sizes must be >= 1, mc_samples and limit >= 0")
-        if spec["mc_samples"] and not ctx.model_cfg.het.enabled:
+        if spec["mc_samples"] and ctx.model_cfg is not None and not ctx.model_cfg.het.enabled:
             raise ConfigError(f"evaluator {spec['name']!r}: mc_samples={spec['mc_samples']} needs the HET-XL head "
                               "(model.het.enabled=False)")
         self.spec, self.ctx = spec, ctx
