@@ -413,6 +413,28 @@ def test_resume_from_a_single_stream_state(shard_set):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
     with pytest.raises(shards.ShardError, match="1 data stream per process, this run uses 2"):
         make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=2, state=v1)
+    with pytest.raises(shards.ShardError, match=r"unsupported loader state version 7 \(this loader reads versions "
+                                                r"1 and 2\)"):
+        make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state={**v1, "version": 7})
+
+
+def test_data_modules_import_one_way():
+    """samples <- workers <- loader: the per-sample module and the worker processes never import the loader
+    (a worker process imports ``hetclip.data.workers`` only)."""
+    code = ("import sys; import hetclip.data.workers; "
+            "print(sorted(m for m in sys.modules if m.startswith('hetclip.data.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'hetclip.data.loader'" not in out and "'hetclip.data.samples'" in out
+
+
+def test_one_train_crop_default():
+    """The recipes' crop default is the decoder's (``decode.DEFAULT_CROP_SCALE``), and so is the loader's."""
+    from hetclip.configs import _base
+    from hetclip.data.loader import TRAIN_DEFAULTS
+
+    assert TRAIN_DEFAULTS["crop_scale"] == decode.DEFAULT_CROP_SCALE
+    assert TRAIN_DEFAULTS["crop_ratio"] == decode.DEFAULT_CROP_RATIO
+    assert tuple(_base.base_config().data.crop_scale) == decode.DEFAULT_CROP_SCALE
 
 
 def _open_fds():
