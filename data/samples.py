@@ -72,8 +72,9 @@ def extract_caption(sample: dict, caption_key: str) -> str:
 
 # ----------------------------------------------------------------------------- per-sample work
 
-def process(cfg: dict, item: tuple) -> tuple:
-    """Decode one item -> ("ok", uint8 image, caption or label) or ("bad", reason, message)."""
+def process(cfg: dict, item: tuple, out: Any = None) -> tuple:
+    """Decode one item -> ("ok", uint8 image, caption or label) or ("bad", reason, message); the image is
+    written into ``out`` (uint8 [S, S, 3], e.g. a row of a shared-memory batch) when given."""
     kind, key, url, image, extra, seed = item
     try:
         if cfg["mode"] == "train":
@@ -86,7 +87,7 @@ def process(cfg: dict, item: tuple) -> tuple:
                 return ("bad", reason, msg)
             arr = decode.train_transform_uint8(
                 image, cfg["image_size"], random.Random(seed), scale=cfg["crop_scale"],
-                ratio=cfg["crop_ratio"], max_pixels=cfg["max_pixels"], background=cfg["background"])
+                ratio=cfg["crop_ratio"], max_pixels=cfg["max_pixels"], background=cfg["background"], out=out)
         else:
             if image is None:
                 return ("bad", "missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
@@ -95,7 +96,7 @@ def process(cfg: dict, item: tuple) -> tuple:
                 with open(image, "rb") as f:
                     image = f.read()
             arr = decode.eval_transform_uint8(image, cfg["image_size"], resize_size=cfg["resize_size"],
-                                              max_pixels=cfg["max_pixels"], background=cfg["background"])
+                                              max_pixels=cfg["max_pixels"], background=cfg["background"], out=out)
         return ("ok", arr, target)
     except decode.DecodeError as e:
         return ("bad", e.reason, str(e))

@@ -200,9 +200,8 @@ class Producer:
             if not isinstance(it, tuple):  # ShardFailure
                 bad.append((it.reason, it.url, None, it.detail))
                 continue
-            r = process(self.cfg, it)
+            r = process(self.cfg, it, images[filled])  # decoded straight into the batch row
             if r[0] == "ok":
-                images[filled] = r[1]
                 captions.append(r[2])
                 filled += 1
             else:
@@ -225,12 +224,8 @@ def decode_into(cfg: dict, items: list, images: np.ndarray) -> list:
     """Decode ``items`` into ``images[i]`` (evaluation); per item ``None`` (decoded) or ``(reason, message)``."""
     out = []
     for i, it in enumerate(items):
-        r = process(cfg, it)
-        if r[0] == "ok":
-            images[i] = r[1]
-            out.append(None)
-        else:
-            out.append((r[1], r[2]))
+        r = process(cfg, it, images[i])
+        out.append(None if r[0] == "ok" else (r[1], r[2]))
     return out
 
 
@@ -253,6 +248,17 @@ def _die_with_parent(parent_pid: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _one_thread_per_worker() -> None:
+    """A worker is one core's worth of work: OpenCV's own thread pool (resampling) would only compete with the
+    other workers and the trainer."""
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover - the Pillow path has no threads of its own
+        pass
 
 
 def _portable(exc: BaseException) -> bytes | None:
@@ -317,6 +323,7 @@ def worker_main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    _one_thread_per_worker()
     cmd, res = Connection(cmd_fd, writable=False), Connection(res_fd, readable=False)
     try:
         sys.path[:] = cmd.recv()

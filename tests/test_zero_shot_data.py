@@ -202,6 +202,11 @@ def _mixed_items(n=24, bad_every=3):
     out = []
     for i in range(n):
         data = b"not an image" if bad_every and i % bad_every == 1 else png_bytes(colours[i % 3], (9 + i % 5, 7))
+        if i % 4 == 2 and data != b"not an image":  # a JPEG photo-like crop: the simplejpeg + OpenCV path, written straight into the slot
+            buf = io.BytesIO()
+            noise = np.random.default_rng(i).integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
         out.append(eval_item(f"k{i:02d}.png", "shard.tar", data, i))
         if i == 10:
             out.append(ShardFailure("shard.tar", "truncated_shard", "breaks off after k10", key="k10x"))
@@ -233,8 +238,10 @@ def test_eval_loader_order_names_and_skips_do_not_depend_on_workers(chunk_size, 
     for workers in (1, 3):
         for a, b in zip(runs[0], runs[workers]):
             np.testing.assert_array_equal(a["image"], b["image"])
-    first = good[0]
-    np.testing.assert_array_equal(runs[3][0]["image"][0], decode.eval_transform_uint8(first[3], 6))
+    flat = np.concatenate([b["image"] for b in runs[3]])
+    for k in (0, 1):  # a PNG and a JPEG: the decoder's own pixels
+        assert good[k][3][:2] == (b"\x89P" if k == 0 else b"\xff\xd8")
+        np.testing.assert_array_equal(flat[k], decode.eval_transform_uint8(good[k][3], 6))
 
 
 def test_eval_loader_batches_stay_intact_whether_kept_or_dropped():
