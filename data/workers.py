@@ -39,7 +39,8 @@ upsample shard visits, its worker processes come from ``multiprocessing`` (a res
 workers that outlive a killed parent), and it moves elements one by one rather than sub-batches.
 
 Memory: ``prefetch`` slots of ``B * (H * W * 3 + 4 L)`` bytes per process (3 slots of a 1,024-image
-224-px batch: 0.46 GB).
+224-px batch: 0.46 GB). Evaluation: ``W * prefetch + 1`` slots of ``chunk_size`` images (2 workers, 2, 16:
+5 slots of 224-px images, 12 MB), plus the batch buffers handed out (reused once the caller lets go).
 """
 
 from __future__ import annotations
