@@ -25,7 +25,7 @@ image and only the crop is resampled, with OpenCV's SIMD bicubic (``cv2.resize``
 straight into the caller's array (``out=``, e.g. a row of a shared-memory batch). When the crop is larger than
 ``size`` it is first low-passed with a Gaussian of sigma ``sqrt(f**2 - 1) / 2`` pixels (``f`` the reduction
 on that axis), the antialiasing that Pillow's bicubic gets from its widened kernel. On the benchmark's photos
-this path takes 0.36x the CPU of Pillow's on 224-px JPEGs (0.52x on 400-600-px ones, where decoding dominates)
+this path takes a third of the CPU of Pillow's on 224-px JPEGs (half on 400-600-px ones, where decoding dominates)
 and its pixels differ from Pillow's by 0.5 (224 px) and 1.6 (400-600 px) levels on average, at most 23 and
 111 at sharp edges (``bench/results/data_*.md``). Anything else (PNG, grayscale or CMYK JPEG,
 a JPEG simplejpeg rejects, no OpenCV) goes through Pillow: decode (JPEG at the same DCT-domain scales) and
