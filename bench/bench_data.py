@@ -10,14 +10,18 @@ captions from a small word list):
 
 For each it measures
 
-* ``decoders`` (this process, one core): ``train_transform_uint8`` (decode + random resized crop +
-  bicubic resize) with Pillow and with simplejpeg, CPU ms/image and the largest pixel difference;
-  PyTurboJPEG is tried too (it needs the operating system's libturbojpeg);
+* ``decoders`` (this process, one core, CPU ms/image): *decode only* (libjpeg-turbo through simplejpeg at
+  the DCT-domain scale the crop allows, or Pillow for PNG: the least any loader spends per image, the
+  limit on this CPU) and ``train_transform_uint8`` (decode + random resized crop + resample) three ways:
+  all Pillow, simplejpeg + Pillow's bicubic, and the fast path (simplejpeg + OpenCV's bicubic written into
+  the batch row), with the max / mean pixel difference of the latter two to all-Pillow; PyTurboJPEG is
+  tried too (it needs the operating system's libturbojpeg);
 * ``loader``: ``make_train_loader`` end to end with 1 and 2 workers, for this tree ("after") and for
   the tree of ``--before REF`` ("before", extracted with ``git archive`` and run in a subprocess):
   images/s (wall), images per CPU-second, CPU ms/image of the main process (all threads) and of the
   workers, and the host rate these imply for 8, 32 and 96 cores:
-  ``min(1000 / main_ms, (cores - 1) * 1000 / worker_ms)`` (the main process needs a core of its own).
+  ``min(1000 / main_ms, (cores - 1) * 1000 / worker_ms)`` (the main process needs a core of its own),
+  and the distance to the limit: worker ms/image over decode-only ms/image.
   The machine is shared with other jobs, so the CPU figures are the fair ones.
 
 Writes ``bench/results/data[_TAG].json`` and ``.md``. Usage::
@@ -119,27 +123,58 @@ def make_tokenizer(tmp: str, captions: list[str]):
 
 # ----------------------------------------------------------------------------- decoders
 
-def decoders(data: list[bytes], size: int, reps: int = 3) -> dict:
-    """CPU ms/image of ``train_transform_uint8`` per JPEG decoder, and the max pixel difference to Pillow."""
-    def run() -> tuple[float, list]:
-        best, outs = float("inf"), []
-        for r in range(reps):
-            c0 = time.process_time()
-            outs = [decode.train_transform_uint8(d, size, random.Random(i)) for i, d in enumerate(data)]
-            best = min(best, time.process_time() - c0)
-        return 1e3 * best / len(data), outs
+def _best_ms(fn, data: list, reps: int) -> tuple[float, list]:
+    """Least CPU ms/image of ``fn(i, d)`` over ``reps`` passes, and the last pass's outputs."""
+    best, outs = float("inf"), []
+    for _ in range(reps):
+        c0 = time.process_time()
+        outs = [fn(i, d) for i, d in enumerate(data)]
+        best = min(best, time.process_time() - c0)
+    return 1e3 * best / len(data), outs
 
-    saved = decode._simplejpeg
+
+def decode_only(d: bytes, i: int, size: int):
+    """Decoding alone, at the scale the training crop allows (simplejpeg for colour JPEG, else Pillow)."""
+    if decode._simplejpeg is not None and d[:2] == b"\xff\xd8":
+        h, w, _, _ = decode._simplejpeg.decode_jpeg_header(d)
+        box = decode.random_resized_crop_box(w, h, random.Random(i))
+        k = decode._dct_scale(w, h, box, size)
+        return decode._simplejpeg.decode_jpeg(d, "RGB", min_height=-(-h // k) if k > 1 else 0,
+                                              min_width=-(-w // k) if k > 1 else 0)
+    return decode.load_rgb(d)
+
+
+def _diff(outs: list, ref: list) -> tuple[int, float]:
+    d = [np.abs(a.astype(int) - b) for a, b in zip(outs, ref)]
+    return int(max(x.max() for x in d)), float(np.mean([x.mean() for x in d]))
+
+
+def decoders(data: list[bytes], size: int, reps: int = 3) -> dict:
+    """CPU ms/image of decoding alone and of ``train_transform_uint8`` all-Pillow, simplejpeg + Pillow's
+    resize, and the fast path (simplejpeg + OpenCV into the batch row), with pixel differences to all-Pillow."""
+    def transform(i, d):
+        return decode.train_transform_uint8(d, size, random.Random(i), out=row).copy()
+
+    row = np.empty((size, size, 3), np.uint8)
+    sj, cv = decode._simplejpeg, decode._cv2
     out: dict = {}
     try:
-        decode._simplejpeg = None
-        out["pillow_ms"], ref = run()
-        decode._simplejpeg = saved
-        if saved is not None:
-            out["simplejpeg_ms"], fast = run()
-            out["simplejpeg_max_diff"] = int(max(np.abs(a.astype(int) - b).max() for a, b in zip(fast, ref)))
+        out["decode_only_ms"], _ = _best_ms(lambda i, d: decode_only(d, i, size), data, reps)
+        decode._simplejpeg = decode._cv2 = None
+        out["pillow_ms"], ref = _best_ms(transform, data, reps)
+        decode._simplejpeg = sj
+        if sj is not None:
+            out["simplejpeg_ms"], outs = _best_ms(transform, data, reps)
+            out["simplejpeg_max_diff"], out["simplejpeg_mean_diff"] = _diff(outs, ref)
+        decode._cv2 = cv
+        if decode.fast_path():
+            import cv2
+
+            cv2.setNumThreads(1)  # as in the data workers
+            out["fast_ms"], outs = _best_ms(transform, data, reps)
+            out["fast_max_diff"], out["fast_mean_diff"] = _diff(outs, ref)
     finally:
-        decode._simplejpeg = saved
+        decode._simplejpeg, decode._cv2 = sj, cv
     try:
         from turbojpeg import TurboJPEG
 
@@ -243,6 +278,7 @@ def main() -> None:
                                 "example_sizes": dims[:4]}
             dec_rows.append({"case": case, "image_size": size, **decoders(data[:128], size)})
             print(dec_rows[-1], flush=True)
+            limit_ms = dec_rows[-1]["decode_only_ms"]
             runs: dict = {}
             for _ in range(args.rounds):  # interleaved, so load changes hit every configuration alike
                 for name, path in versions:
@@ -255,12 +291,13 @@ def main() -> None:
                              "images_per_cpu_s": best["images_per_cpu_s"],
                              "main_ms_per_image": min(r["main_ms_per_image"] for r in rs),
                              "worker_ms_per_image": min(r["worker_ms_per_image"] for r in rs),
-                             "image_dtype": best["image_dtype"], "rounds": rs})
+                             "image_dtype": best["image_dtype"], "decode_only_ms": limit_ms, "rounds": rs})
+                rows[-1]["worker_over_decode_only"] = rows[-1]["worker_ms_per_image"] / limit_ms
                 rows[-1].update({f"host_{c}_cores": implied(rows[-1], c) for c in CORES})
                 print({k: v for k, v in rows[-1].items() if k != "rounds"}, flush=True)
     meta = {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "machine": platform.machine(), "pillow": Image.__version__, "numpy": np.__version__,
-            "jpeg_decoder": decode.jpeg_decoder(), "before": args.before,
+            "jpeg_decoder": decode.jpeg_decoder(), "fast_path": decode.fast_path(), "before": args.before,
             "load_before": load_before, "load_after": os.getloadavg(), "images_per_case": args.images,
             "batch_size": args.batch_size, "batches": args.batches, "rounds": args.rounds,
             "tokenizer": "hetclip BPE (HF tokenizers), vocab 1024", "shards": shard_info}
@@ -274,37 +311,44 @@ def main() -> None:
 def write_markdown(path: str, meta: dict, rows: list[dict], dec_rows: list[dict], args) -> None:
     lines = ["# Input pipeline throughput", "",
              f"Command: `python bench/bench_data.py --before {meta['before']} --images {meta['images_per_case']} "
-             f"--batches {meta['batches']} --batch-size {meta['batch_size']}"
+             f"--batches {meta['batches']} --batch-size {meta['batch_size']} --cases {args.cases}"
              f"{' --tag ' + args.tag if args.tag else ''}`; CPU: {meta['cpu']} ({meta['cpu_count']} cores "
              f"shared with other jobs); Pillow {meta['pillow']}, numpy {meta['numpy']}, tokenizer "
              f"{meta['tokenizer']}.", "",
              f"Load average (1 min): {meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after. Each "
              f"loader row is the best of {meta['rounds']} interleaved runs of {meta['batches']} batches (all in the "
              "JSON). CPU figures (user + system) are the fair ones on a shared machine; images/s (wall) shows "
-             "what the other jobs left over. *before* is the loader of `" + str(meta["before"]) + "` (main "
-             "process reads shards, tokenises and normalises; workers decode; float32 batches); *after* is this "
-             "tree's (workers do all per-sample work into shared memory; uint8 batches, normalised on the device).",
+             "what the other jobs left over. *before* is the loader of `" + str(meta["before"]) + "`, *after* this "
+             "tree's. *decode only* is libjpeg-turbo (simplejpeg) decoding the same images at the DCT-domain scale "
+             "the crop allows (Pillow for PNG), on one core: the least a loader spends per image on this CPU; "
+             "*x decode* is worker CPU over it.",
              "", "Shards:", ""]
     for case, s in meta["shards"].items():
         lines.append(f"* `{case}`: {s['what']}; mean {s['mean_kb']} KB, mean shortest side "
                      f"{s['mean_short_side']} px, e.g. {', '.join('x'.join(map(str, d)) for d in s['example_sizes'])}")
     lines += ["", "## Loader end to end", "",
               "| shards | loader | workers | images/s (wall) | images per CPU-s | main CPU ms/image | "
-              "worker CPU ms/image | implied host images/s: 8 / 32 / 96 cores |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "worker CPU ms/image | decode only ms/image | x decode | implied host images/s: 8 / 32 / 96 cores |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['version']} | {r['workers']} | {r['images_per_s']:.0f} | "
                      f"{r['images_per_cpu_s']:.0f} | {r['main_ms_per_image']:.3f} | {r['worker_ms_per_image']:.2f} | "
+                     f"{r['decode_only_ms']:.2f} | {r['worker_over_decode_only']:.2f}x | "
                      + " / ".join(f"{r[f'host_{c}_cores']:,.0f}" for c in CORES) + " |")
-    lines += ["", "## JPEG decoders (decode + random resized crop + bicubic resize, one core)", "",
-              "| shards | px | Pillow ms/image | simplejpeg ms/image | speed-up | max pixel difference | PyTurboJPEG |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "## Per image, one core: decode only and the training transform three ways", "",
+              "The transform is decode + random resized crop + bicubic resample into a 3-channel row; differences are "
+              "to the all-Pillow output, in 8-bit levels.", "",
+              "| shards | px | decode only ms | all Pillow ms | simplejpeg + Pillow resize ms (max / mean diff) | "
+              "fast path: simplejpeg + OpenCV ms (max / mean diff) | fast path x decode | PyTurboJPEG |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for d in dec_rows:
-        sj = d.get("simplejpeg_ms")
-        lines.append(f"| {d['case']} | {d['image_size']} | {d['pillow_ms']:.2f} | "
-                     + (f"{sj:.2f} | {d['pillow_ms'] / sj:.2f}x | {d['simplejpeg_max_diff']} | " if sj else "- | - | - | ")
-                     + f"{d['pyturbojpeg']} |")
-    lines += ["", "The demo shards are PNG: both columns decode them with Pillow."]
+        sj = (f"{d['simplejpeg_ms']:.3f} ({d['simplejpeg_max_diff']} / {d['simplejpeg_mean_diff']:.2f})"
+              if "simplejpeg_ms" in d else "-")
+        fast = f"{d['fast_ms']:.3f} ({d['fast_max_diff']} / {d['fast_mean_diff']:.2f})" if "fast_ms" in d else "-"
+        ratio = f"{d['fast_ms'] / d['decode_only_ms']:.2f}x" if "fast_ms" in d else "-"
+        lines.append(f"| {d['case']} | {d['image_size']} | {d['decode_only_ms']:.3f} | {d['pillow_ms']:.3f} | {sj} | "
+                     f"{fast} | {ratio} | {d['pyturbojpeg'][:60]} |")
+    lines += ["", "The demo shards are PNG: every column decodes and resamples them with Pillow."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

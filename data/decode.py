@@ -17,13 +17,19 @@
   "resize 256, crop 224" evaluation), as one box resize: the centred square of side
   ``min(w, h) * size / resize_size`` resampled to ``size`` (offsets floored).
 
-Speed: colour JPEGs given as bytes are decoded with simplejpeg (libjpeg-turbo, 1.2-1.6x faster than
-Pillow's decoder; see ``bench/results/``) when it is installed and ``HETCLIP_JPEG_DECODER`` is not
-``pillow``; anything else, and any JPEG simplejpeg rejects, goes through Pillow. Either decoder
-works at a reduced scale (DCT-domain downscaling, 1/2, 1/4 or 1/8) whenever the crop still covers at
-least ``size`` pixels on each side, and crop + resize is one ``Image.resize(box=...)`` call. Both wrap
-libjpeg-turbo with the same settings (accurate integer IDCT, smooth chroma upsampling): on the
-benchmark's photos their pixels are identical (other library versions may differ slightly).
+Speed: colour JPEGs given as bytes take the fast path when simplejpeg and OpenCV are installed and
+``HETCLIP_JPEG_DECODER`` is not ``pillow``: the header gives the size (pixel limit, crop box), simplejpeg
+(libjpeg-turbo) decodes at a reduced scale (DCT-domain downscaling, 1/2, 1/4 or 1/8) whenever the crop
+still covers at least ``size`` pixels on each side, the crop box is rounded to whole pixels of the decoded
+image and only the crop is resampled, with OpenCV's SIMD bicubic (``cv2.resize``, ``INTER_CUBIC``) written
+straight into the caller's array (``out=``, e.g. a row of a shared-memory batch). When the crop is larger than
+``size`` it is first low-passed with a Gaussian of sigma ``sqrt(f**2 - 1) / 2`` pixels (``f`` the reduction
+on that axis), the antialiasing that Pillow's bicubic gets from its widened kernel. On the benchmark's photos
+this path takes a third of the CPU of Pillow's on 224-px JPEGs (half on 400-600-px ones, where decoding dominates)
+and its pixels differ from Pillow's by 0.5 (224 px) and 1.6 (400-600 px) levels on average, at most 23 and
+111 at sharp edges (``bench/results/data_*.md``). Anything else (PNG, grayscale or CMYK JPEG,
+a JPEG simplejpeg rejects, no OpenCV) goes through Pillow: decode (JPEG at the same DCT-domain scales) and
+crop + resize as one bicubic ``Image.resize(box=...)`` call.
 ``normalize`` multiplies row-long runs (``width * 3`` values) by a tiled per-channel scale instead of
 broadcasting over a last axis of 3, so numpy's inner loop is long and contiguous: bit-identical to
 ``astype`` + broadcast and 2.2-3.2x faster on 64-224 px crops (``git show f52f245:bench/results/data.md``).
@@ -45,6 +51,10 @@ try:  # libjpeg-turbo with its own wheel (Linux, macOS, Windows); Pillow is the 
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the platform
     _simplejpeg = None
+try:  # SIMD resampling for the JPEG fast path; Pillow's resize is the fallback
+    import cv2 as _cv2
+except ImportError:  # pragma: no cover - depends on the platform
+    _cv2 = None
 if os.environ.get("HETCLIP_JPEG_DECODER", "").lower() == "pillow":
     _simplejpeg = None
 
@@ -90,15 +100,21 @@ def open_image(src: bytes | str | os.PathLike, *, max_pixels: int | None = DEFAU
         raise DecodeError("corrupt_image", "cannot identify image: not in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DecodeError("corrupt_image", f"cannot identify image: {e}") from None
-    w, h = img.size
-    if max_pixels is not None and w * h > max_pixels:
+    try:
+        check_size(*img.size, max_pixels)
+    except DecodeError:
         img.close()
+        raise
+    return img
+
+
+def check_size(w: int, h: int, max_pixels: int | None) -> None:
+    """``DecodeError`` for an image over ``max_pixels`` (``bomb``) or without pixels."""
+    if max_pixels is not None and w * h > max_pixels:
         raise DecodeError("bomb", f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                                   "(possible decompression bomb; raise max_pixels to allow it)")
     if w < 1 or h < 1:
-        img.close()
         raise DecodeError("corrupt_image", f"image has size {w}x{h}")
-    return img
 
 
 def to_rgb(img: Image.Image, *, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -219,12 +235,8 @@ def jpeg_decoder() -> str:
 def _simplejpeg_rgb(data: bytes, img: Image.Image, box: tuple[float, ...], size: int):
     """(RGB image, box scaled to it) from simplejpeg, or None to let Pillow decode."""
     w, h = img.size
-    factor = min(box[2] - box[0], box[3] - box[1]) / float(size)
-    min_w = min_h = 0
-    if factor >= 2:  # Pillow's draft rule: the largest of 1/2, 1/4, 1/8 keeping the requested size
-        req_w, req_h = int(math.ceil(w / factor)), int(math.ceil(h / factor))
-        scale = next(a for a in (8, 4, 2, 1) if min(w // req_w, h // req_h) >= a)
-        min_w, min_h = -(-w // scale), -(-h // scale)
+    scale = _dct_scale(w, h, box, size)
+    min_w, min_h = (-(-w // scale), -(-h // scale)) if scale > 1 else (0, 0)
     try:
         arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=min_h, min_width=min_w)
     except ValueError:  # corrupt or unusual: Pillow decides (it may decode it, or name the error)
@@ -233,14 +245,77 @@ def _simplejpeg_rgb(data: bytes, img: Image.Image, box: tuple[float, ...], size:
     return Image.fromarray(arr, "RGB"), (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
+def _dct_scale(w: int, h: int, box: tuple[float, ...], size: int) -> int:
+    """The largest of 1/8, 1/4, 1/2 (as 8, 4, 2; 1: full size) keeping ``size`` pixels across the box
+    (Pillow's draft rule)."""
+    factor = min(box[2] - box[0], box[3] - box[1]) / float(size)
+    if factor < 2:
+        return 1
+    req_w, req_h = int(math.ceil(w / factor)), int(math.ceil(h / factor))
+    return next(a for a in (8, 4, 2, 1) if min(w // req_w, h // req_h) >= a)
+
+
+def resample(image: np.ndarray, box: tuple[float, ...], size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``box`` of a uint8 ``[H, W, 3]`` array resampled to ``[size, size, 3]`` with OpenCV's bicubic: the
+    box rounded to whole pixels, a Gaussian low-pass (sigma ``sqrt(f**2 - 1) / 2``) on an axis reduced by
+    ``f > 1``; written into ``out`` when given."""
+    h, w = image.shape[:2]
+    x0, y0 = min(w - 1, max(0, int(round(box[0])))), min(h - 1, max(0, int(round(box[1]))))
+    x1, y1 = max(x0 + 1, min(w, int(round(box[2])))), max(y0 + 1, min(h, int(round(box[3]))))
+    crop = image[y0:y1, x0:x1]
+    fx, fy = (x1 - x0) / size, (y1 - y0) / size
+    if fx > 1 or fy > 1:
+        crop = _cv2.GaussianBlur(crop, (0, 0), sigmaX=max(0.5 * math.sqrt(max(fx * fx - 1, 0.0)), 1e-3),
+                                 sigmaY=max(0.5 * math.sqrt(max(fy * fy - 1, 0.0)), 1e-3),
+                                 borderType=_cv2.BORDER_REPLICATE)
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
+    _cv2.resize(crop, (size, size), dst=out, interpolation=_cv2.INTER_CUBIC)
+    return out
+
+
+def fast_path() -> bool:
+    """Whether colour JPEG bytes take the simplejpeg + OpenCV path (else Pillow decodes and resamples)."""
+    return _simplejpeg is not None and _cv2 is not None
+
+
+def _fast_jpeg(data: Any, size: int, box_of: Any, max_pixels: int | None, out: np.ndarray | None):
+    """The fast path's crop of colour JPEG bytes, or None to let Pillow decode (not a colour JPEG, or one
+    simplejpeg rejects: Pillow then decodes it or names the error)."""
+    if not fast_path() or bytes(data[:2]) != b"\xff\xd8":
+        return None
+    try:
+        h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "RGB"):
+        return None
+    check_size(w, h, max_pixels)
+    box = box_of(w, h)
+    scale = _dct_scale(w, h, box, size)
+    try:
+        arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale) if scale > 1 else 0,
+                                      min_width=-(-w // scale) if scale > 1 else 0)
+    except ValueError:
+        return None
+    sx, sy = arr.shape[1] / w, arr.shape[0] / h
+    return resample(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), size, out)
+
+
+def _into(out: np.ndarray | None, image: Image.Image) -> np.ndarray:
+    if out is None:
+        return np.asarray(image, dtype=np.uint8)
+    out[...] = np.asarray(image, dtype=np.uint8)
+    return out
+
+
 def _crop_resize(img: Image.Image, box: tuple[float, ...], size: int, background: tuple[int, int, int],
-                 data: Any = None) -> np.ndarray:
+                 data: Any = None, out: np.ndarray | None = None) -> np.ndarray:
     if data is not None and _simplejpeg is not None and img.format == "JPEG" and img.mode == "RGB":
         fast = _simplejpeg_rgb(bytes(data), img, box, size)
         if fast is not None:
             img.close()
-            out = fast[0].resize((size, size), Image.Resampling.BICUBIC, box=fast[1])
-            return np.asarray(out, dtype=np.uint8)
+            return _into(out, fast[0].resize((size, size), Image.Resampling.BICUBIC, box=fast[1]))
     box = _draft(img, box, size)
     try:
         img.load()
@@ -248,32 +323,55 @@ def _crop_resize(img: Image.Image, box: tuple[float, ...], size: int, background
         img.close()
         raise DecodeError("corrupt_image", f"cannot decode image: {e}") from None
     rgb = to_rgb(img, background=background)
-    out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(out, dtype=np.uint8)
+    return _into(out, rgb.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 def train_transform_uint8(src: bytes | str | os.PathLike | Image.Image, size: int, rng: random.Random, *,
                           scale: tuple[float, float] = DEFAULT_CROP_SCALE,
                           ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
                           max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                          background: tuple[int, int, int] = WHITE) -> np.ndarray:
-    """Random resized crop to ``size`` x ``size``: uint8 [size, size, 3]."""
+                          background: tuple[int, int, int] = WHITE, out: np.ndarray | None = None) -> np.ndarray:
+    """Random resized crop to ``size`` x ``size``: uint8 [size, size, 3] (written into ``out`` when given)."""
+    box_of = _once(lambda w, h: random_resized_crop_box(w, h, rng, scale=scale, ratio=ratio))
+
+    data = _bytes_or_none(src)
+    if data is not None:
+        fast = _fast_jpeg(data, size, box_of, max_pixels, out)
+        if fast is not None:
+            return fast
     img = src if isinstance(src, Image.Image) else open_image(src, max_pixels=max_pixels)
-    box = random_resized_crop_box(*img.size, rng, scale=scale, ratio=ratio)
-    return _crop_resize(img, box, size, background, _bytes_or_none(src))
+    return _crop_resize(img, box_of(*img.size), size, background, data, out)
 
 
 def eval_transform_uint8(src: bytes | str | os.PathLike | Image.Image, size: int, *,
                          resize_size: int | None = None,
                          max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                         background: tuple[int, int, int] = WHITE) -> np.ndarray:
+                         background: tuple[int, int, int] = WHITE, out: np.ndarray | None = None) -> np.ndarray:
     """Resize shortest side to ``resize_size`` (default ``size``; bicubic) and centre crop ``size``:
-    uint8 [size, size, 3]."""
+    uint8 [size, size, 3] (written into ``out`` when given)."""
     short = int(resize_size) if resize_size is not None else int(size)
     if short < size:
         raise ValueError(f"resize_size {short} is smaller than the crop size {size}")
+    box_of = _once(lambda w, h: centre_crop_box(w, h, size / short))
+
+    data = _bytes_or_none(src)
+    if data is not None:
+        fast = _fast_jpeg(data, size, box_of, max_pixels, out)
+        if fast is not None:
+            return fast
     img = src if isinstance(src, Image.Image) else open_image(src, max_pixels=max_pixels)
-    return _crop_resize(img, centre_crop_box(*img.size, size / short), size, background, _bytes_or_none(src))
+    return _crop_resize(img, box_of(*img.size), size, background, data, out)
+
+
+def _once(box_of: Any) -> Any:
+    """``box_of`` computed once: a JPEG the fast path gives up on after drawing its random box keeps that box."""
+    memo: list = []
+
+    def get(w: int, h: int) -> tuple:
+        if not memo:
+            memo.append(box_of(w, h))
+        return memo[0]
+    return get
 
 
 def _bytes_or_none(src: Any) -> Any:

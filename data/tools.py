@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from . import decode
 from . import folders
-from .loader import extract_caption
+from .samples import extract_caption
 from .shards import EMPTY_SHARD, IMAGE_EXTS, ShardError, ShardReadError, expand_pattern, iter_shard, read_sizes
 
 _KEEP_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}

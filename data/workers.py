@@ -1,4 +1,4 @@
-"""Training batches built by worker processes into shared memory.
+"""Training and evaluation batches built by worker processes into shared memory.
 
 Each of the ``W`` workers of a process owns every ``W``-th shard visit of that process's share of an
 epoch (``SampleStream(worker_index=w, worker_count=W)``) and does all per-sample work itself: shard
@@ -9,14 +9,20 @@ straight into a shared-memory slot: ``image`` uint8 ``[B, H, W, 3]`` and ``text`
 The main process waits for the ``W`` sub-batches of a slot, copies the slot out (one memcpy per
 array) and hands the slot back; it does no per-sample work.
 
-Determinism: batches depend on the seed, the process split and the number of workers (not on
+Evaluation (``EvalLoader``) uses the same worker processes and shared memory: the main process walks
+the work items in order and sends chunks of them (file paths or encoded bytes) to the workers in turn;
+each worker decodes its chunk into the rows of a slot, and the main process copies the decoded rows into
+batches in item order, so evaluation batches do not depend on the number of workers.
+
+Determinism: training batches depend on the seed, the process split and the number of workers (not on
 timing). ``num_workers=0`` runs the single producer in the calling process and gives the same
 batches as one worker (useful for debugging).
 
 Resume: ``state()`` holds, per worker, its stream position after its last sub-batch the caller
 received, plus the sample counters; a loader built with that state continues with the identical next
-batch. A state saved with a different number of workers is refused with both counts named. A state
-of the single-stream loader format (version 1) resumes with one worker.
+batch. A state saved with a different number of workers is refused with both counts named. The state
+format has one version number (``STATE_VERSION``); a state of the single-stream format
+(``SINGLE_STREAM_STATE_VERSION``) resumes with one worker.
 
 Processes: workers are plain ``python`` subprocesses (no ``multiprocessing``, hence no resource
 tracker). The shared memory is an anonymous ``memfd`` (Linux; an unlinked temporary file elsewhere)
@@ -33,11 +39,13 @@ upsample shard visits, its worker processes come from ``multiprocessing`` (a res
 workers that outlive a killed parent), and it moves elements one by one rather than sub-batches.
 
 Memory: ``prefetch`` slots of ``B * (H * W * 3 + 4 L)`` bytes per process (3 slots of a 1,024-image
-224-px batch: 0.46 GB).
+224-px batch: 0.46 GB). Evaluation: ``W * prefetch + 1`` slots of ``chunk_size`` images (2 workers, 2, 16:
+5 slots of 224-px images, 12 MB), plus the batch buffers handed out (reused once the caller lets go).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import mmap
@@ -51,16 +59,17 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .loader import LOADER_STATE_VERSION as _V1, Closing, Ledger, _process, _train_items
-from .shards import NoSamples, SampleStream, ShardError, Source, process_visits
+from .samples import Closing, Ledger, TooManyBadSamples, item_name, process, train_items
+from .shards import NoSamples, SampleStream, ShardError, ShardFailure, Source, process_visits
 
 log = logging.getLogger("hetclip.data")
 
-STATE_VERSION = 2
+STATE_VERSION = 2  # the loader state: per-worker stream states, counters
+SINGLE_STREAM_STATE_VERSION = 1  # one stream per process (resumes with one worker)
 _STATUS_BYTES = 1024
 _ALIGN = 4096
 _PR_SET_PDEATHSIG = 1
@@ -162,7 +171,7 @@ class Producer:
             process_count=setup["process_count"], shuffle_buffer=int(cfg["shuffle_buffer"]),
             shuffle_shards=bool(cfg["shuffle_shards"]), epochs=cfg["epochs"], fields=setup["fields"],
             state=setup["stream_state"], worker_index=setup["worker_index"], worker_count=setup["worker_count"])
-        self.items = _train_items(self.stream, setup["seed"], setup["process_index"], setup["worker_index"],
+        self.items = train_items(self.stream, setup["seed"], setup["process_index"], setup["worker_index"],
                                   setup["worker_count"])
         for _ in range(int(setup.get("skip", 0))):
             next(self.items)
@@ -192,9 +201,8 @@ class Producer:
             if not isinstance(it, tuple):  # ShardFailure
                 bad.append((it.reason, it.url, None, it.detail))
                 continue
-            r = _process(self.cfg, it)
+            r = process(self.cfg, it, images[filled])  # decoded straight into the batch row
             if r[0] == "ok":
-                images[filled] = r[1]
                 captions.append(r[2])
                 filled += 1
             else:
@@ -209,6 +217,17 @@ class Producer:
 
     def close(self) -> None:
         self.stream.close()
+
+
+# ----------------------------------------------------------------------------- evaluation decoding
+
+def decode_into(cfg: dict, items: list, images: np.ndarray) -> list:
+    """Decode ``items`` into ``images[i]`` (evaluation); per item ``None`` (decoded) or ``(reason, message)``."""
+    out = []
+    for i, it in enumerate(items):
+        r = process(cfg, it, images[i])
+        out.append(None if r[0] == "ok" else (r[1], r[2]))
+    return out
 
 
 # ----------------------------------------------------------------------------- worker process
@@ -232,6 +251,17 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def _one_thread_per_worker() -> None:
+    """A worker is one core's worth of work: OpenCV's own thread pool (resampling) would only compete with the
+    other workers and the trainer."""
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover - the Pillow path has no threads of its own
+        pass
+
+
 def _portable(exc: BaseException) -> bytes | None:
     try:
         blob = pickle.dumps(exc)
@@ -239,6 +269,51 @@ def _portable(exc: BaseException) -> bytes | None:
         return blob
     except Exception:  # noqa: BLE001 - sent as text instead
         return None
+
+
+class _TrainRole:
+    """A training worker: each request names a slot; the reply is ``Producer.fill``'s report on its rows."""
+
+    def __init__(self, setup: dict, slots: SharedSlots, worker: int):
+        tok = setup["tokenizer"]
+        if tok[0] == "spec":
+            from .tokenizers import load_tokenizer
+
+            tok = load_tokenizer(tok[1])
+        else:
+            tok = tok[1]
+        self.slots, self.rows = slots, setup["rows"]
+        self.producer = Producer(setup, tok)
+        self.on_shard = lambda url: slots.set_status(worker, f"shard {url}")
+
+    def __call__(self, slot: int) -> tuple[dict, bool]:
+        off, n = self.rows
+        out = self.producer.fill(self.slots.images[slot][off: off + n], self.slots.text[slot][off: off + n],
+                                 self.on_shard)
+        return out, out["end"]
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+class _EvalRole:
+    """An evaluation worker: each request is ``(slot, items)``; the items are decoded into the slot's rows."""
+
+    def __init__(self, setup: dict, slots: SharedSlots, worker: int):
+        self.cfg, self.slots, self.worker = setup["cfg"], slots, worker
+
+    def __call__(self, request: tuple) -> tuple[list, bool]:
+        slot, items = request
+        if items:
+            self.slots.set_status(self.worker, f"image {item_name(items[0][2], items[0][1])} (and the "
+                                               f"{len(items) - 1} after it)")
+        return decode_into(self.cfg, items, self.slots.images[slot]), False
+
+    def close(self) -> None:
+        pass
+
+
+_ROLES = {"train": _TrainRole, "eval": _EvalRole}
 
 
 def worker_main(argv: list[str]) -> None:
@@ -249,6 +324,7 @@ def worker_main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
+    _one_thread_per_worker()
     cmd, res = Connection(cmd_fd, writable=False), Connection(res_fd, readable=False)
     try:
         sys.path[:] = cmd.recv()
@@ -256,29 +332,19 @@ def worker_main(argv: list[str]) -> None:
     except (EOFError, OSError):
         os._exit(0)
     slots = SharedSlots(shm_fd, setup["layout"])
-    offset, rows = setup["rows"]
-    producer = None
+    role = None
     try:
-        tok = setup["tokenizer"]
-        if tok[0] == "spec":
-            from .tokenizers import load_tokenizer
-
-            tok = load_tokenizer(tok[1])
-        else:
-            tok = tok[1]
-        producer = Producer(setup, tok)
-        on_shard = lambda url: slots.set_status(worker, url)  # noqa: E731
+        role = _ROLES[setup["role"]](setup, slots, worker)
         while True:
             try:
-                slot = pickle.loads(cmd.recv_bytes())
+                request = pickle.loads(cmd.recv_bytes())
             except (EOFError, OSError):
                 break
-            if slot is None:
+            if request is None:
                 break
-            out = producer.fill(slots.images[slot][offset: offset + rows], slots.text[slot][offset: offset + rows],
-                                on_shard)
-            res.send_bytes(pickle.dumps(("ok", slot, out), protocol=pickle.HIGHEST_PROTOCOL))
-            if out["end"]:
+            reply, end = role(request)
+            res.send_bytes(pickle.dumps(("ok", reply), protocol=pickle.HIGHEST_PROTOCOL))
+            if end:
                 break
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
         try:
@@ -286,20 +352,114 @@ def worker_main(argv: list[str]) -> None:
         except OSError:
             pass
     finally:
-        if producer is not None:
-            producer.close()
+        if role is not None:
+            role.close()
         res.close()
         cmd.close()
 
 
-# ----------------------------------------------------------------------------- the loader
+class _Workers:
+    """``len(setups)`` worker processes sharing one ``SharedSlots`` mapping, each with a command pipe and
+    a result pipe. ``receive`` raises a worker's own error, or ``DataWorkerError`` when a worker died."""
+
+    def __init__(self, layout: dict, setups: list[dict], process_index: int, idle: str, stopping: str):
+        self.process_index, self._idle, self._stopping = process_index, idle, stopping
+        self.procs: list[subprocess.Popen] = []
+        self._cmd: list[Connection] = []
+        self._res: list[Connection] = []
+        self.slots: SharedSlots | None = SharedSlots.create(layout)
+        try:
+            for w, setup in enumerate(setups):
+                self._start(w, {**setup, "layout": layout})
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, w: int, setup: dict) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        code = "import sys; from hetclip.data.workers import worker_main; worker_main(sys.argv[1:])"
+        args = [sys.executable, "-c", code, str(self.slots.fd), str(cmd_r), str(res_w), str(os.getpid()), str(w)]
+        try:
+            proc = subprocess.Popen(args, pass_fds=(self.slots.fd, cmd_r, res_w), env=env)
+        finally:
+            os.close(cmd_r)
+            os.close(res_w)
+        self.procs.append(proc)
+        self._cmd.append(Connection(cmd_w, readable=False))
+        self._res.append(Connection(res_r, writable=False))
+        self._cmd[-1].send(list(sys.path))
+        self._cmd[-1].send(setup)
+
+    def send(self, w: int, request: Any) -> None:
+        self._cmd[w].send_bytes(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def receive(self, w: int) -> Any:
+        # Blocking: only the worker holds the write end, so its death is an end of file here.
+        try:
+            msg = pickle.loads(self._res[w].recv_bytes())
+        except (EOFError, OSError):
+            self._died(w)
+        if msg[0] == "error":
+            blob, text, tb = msg[1], msg[2], msg[3]
+            exc = pickle.loads(blob) if blob is not None else None
+            if isinstance(exc, Exception):
+                raise exc
+            raise DataWorkerError(f"data worker {w} of process {self.process_index} failed: {text}\n{tb}")
+        return msg[1]
+
+    def _died(self, w: int) -> None:
+        proc = self.procs[w]
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        doing = self.slots.status(w) if self.slots is not None else ""
+        if code is None:
+            how = "closed its result pipe"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        raise DataWorkerError(
+            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} "
+            f"{'while reading ' + doing if doing else self._idle}; {self._stopping}")
+
+    def close(self) -> None:
+        """Ask the workers to stop, wait for them (killing any that hang) and free the shared memory."""
+        for c in self._cmd:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+            c.close()
+        for c in self._res:
+            c.close()
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs, self._cmd, self._res = [], [], []
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
+
+
+# ----------------------------------------------------------------------------- the training loader
 
 def _parse_state(state: dict | None, workers: int, requested: int) -> tuple[list, int, dict | None]:
-    """Per-worker stream states, items to skip and counters from a saved loader state."""
+    """Per-worker stream states, items to skip and counters from a saved loader state (either version)."""
     if state is None:
         return [None] * workers, 0, None
     version = state.get("version")
-    if version == _V1:
+    if version == SINGLE_STREAM_STATE_VERSION:
         if workers != 1:
             raise ShardError(
                 f"the loader state was saved by a loader with 1 data stream per process, this run uses {workers} "
@@ -307,7 +467,8 @@ def _parse_state(state: dict | None, workers: int, requested: int) -> tuple[list
                 "resume exactly; set data.num_workers=1 to resume")
         return [state["stream"]], int(state["skip"]), state.get("stats")
     if version != STATE_VERSION:
-        raise ShardError(f"unsupported loader state version {version!r}")
+        raise ShardError(f"unsupported loader state version {version!r} (this loader reads versions "
+                         f"{SINGLE_STREAM_STATE_VERSION} and {STATE_VERSION})")
     saved = int(state["workers"])
     if saved != workers:
         raise ShardError(
@@ -328,10 +489,7 @@ class TrainLoader(Closing):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self._closed = True  # until everything is set up
-        self._procs: list[subprocess.Popen] = []
-        self._cmd: list[Connection] = []
-        self._res: list[Connection] = []
-        self._slots: SharedSlots | None = None
+        self._workers: _Workers | None = None
         self._producer: Producer | None = None
         self.batch_size, self.process_index = int(batch_size), int(process_index)
         mine = process_visits(sources, seed, 0, process_index, process_count, shuffle=bool(cfg["shuffle_shards"]))
@@ -353,10 +511,10 @@ class TrainLoader(Closing):
         self._wait, self._read, self._k, self._ended = 0.0, 0, 0, False
         context = int(tokenizer.context_length)
         n_slots = 1 if self.inline else max(1, int(cfg["prefetch"]))
+        self._n_slots = n_slots
         layout = SharedSlots.layout(n_slots, batch_size, int(cfg["image_size"]), context, workers)
-        base = {"cfg": cfg, "sources": sources, "fields": fields, "seed": int(seed),
-                "process_index": int(process_index), "process_count": int(process_count),
-                "worker_count": workers, "layout": layout}
+        base = {"role": "train", "cfg": cfg, "sources": sources, "fields": fields, "seed": int(seed),
+                "process_index": int(process_index), "process_count": int(process_count), "worker_count": workers}
         if self.inline:
             self._local = (np.zeros((batch_size, cfg["image_size"], cfg["image_size"], 3), np.uint8),
                            np.zeros((batch_size, context), np.int32))
@@ -364,89 +522,39 @@ class TrainLoader(Closing):
                                       tokenizer)
             self._closed = False
             return
-        self._slots = SharedSlots.create(layout)
+        tok = _tokenizer_payload(tokenizer)
+        setups = [{**base, "worker_index": w, "stream_state": streams[w], "skip": skip if w == 0 else 0,
+                   "rows": self._rows[w], "tokenizer": tok} for w in range(workers)]
+        self._workers = _Workers(layout, setups, self.process_index, "before it opened a shard",
+                                 "stopping (checkpoints already written are intact)")
         self._closed = False
         try:
-            tok = _tokenizer_payload(tokenizer)
-            for w in range(workers):
-                self._start_worker(w, {**base, "worker_index": w, "stream_state": streams[w],
-                                       "skip": skip if w == 0 else 0, "rows": self._rows[w], "tokenizer": tok})
             for slot in range(n_slots):
-                for c in self._cmd:
-                    c.send_bytes(pickle.dumps(slot))
+                for w in range(workers):
+                    self._workers.send(w, slot)
         except BaseException:
             self.close()
             raise
 
-    def _start_worker(self, w: int, setup: dict) -> None:
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        code = "import sys; from hetclip.data.workers import worker_main; worker_main(sys.argv[1:])"
-        args = [sys.executable, "-c", code, str(self._slots.fd), str(cmd_r), str(res_w), str(os.getpid()), str(w)]
-        try:
-            proc = subprocess.Popen(args, pass_fds=(self._slots.fd, cmd_r, res_w), env=env)
-        finally:
-            os.close(cmd_r)
-            os.close(res_w)
-        self._procs.append(proc)
-        self._cmd.append(Connection(cmd_w, readable=False))
-        self._res.append(Connection(res_r, writable=False))
-        self._cmd[-1].send(list(sys.path))
-        self._cmd[-1].send(setup)
-
     # -- iteration
     def __iter__(self) -> "TrainLoader":
         return self
-
-    def _receive(self, w: int) -> dict:
-        # Blocking: only the worker holds the write end, so its death is an end of file here.
-        try:
-            msg = pickle.loads(self._res[w].recv_bytes())
-        except (EOFError, OSError):
-            self._died(w)
-        if msg[0] == "error":
-            blob, text, tb = msg[1], msg[2], msg[3]
-            self.close()
-            exc = pickle.loads(blob) if blob is not None else None
-            if isinstance(exc, Exception):
-                raise exc
-            raise DataWorkerError(f"data worker {w} of process {self.process_index} failed: {text}\n{tb}")
-        return msg[2]
-
-    def _died(self, w: int) -> None:
-        proc = self._procs[w]
-        try:
-            code = proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
-        shard = self._slots.status(w) if self._slots is not None else ""
-        if code is None:
-            how = "closed its result pipe"
-        elif code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with status {code}"
-        self.close()
-        raise DataWorkerError(
-            f"data worker {w} (pid {proc.pid}) of process {self.process_index} {how} "
-            f"{'while reading shard ' + shard if shard else 'before it opened a shard'}; stopping "
-            "(checkpoints already written are intact)")
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._closed:
             raise RuntimeError("loader is closed")
         if self._ended:
             raise StopIteration
-        slot = self._k % (1 if self.inline else self._slots.layout["slots"])
+        slot = self._k % self._n_slots
         t0 = time.perf_counter()
-        if self.inline:
-            outs = [self._producer.fill(*self._local)]
-        else:
-            outs = [self._receive(w) for w in range(self.num_workers)]
+        try:
+            if self.inline:
+                outs = [self._producer.fill(*self._local)]
+            else:
+                outs = [self._workers.receive(w) for w in range(self.num_workers)]
+        except BaseException:
+            self.close()
+            raise
         self._wait += time.perf_counter() - t0
         ended = False
         for out in outs:
@@ -469,11 +577,11 @@ class TrainLoader(Closing):
         if self.inline:
             batch = {"image": self._local[0].copy(), "text": self._local[1].copy()}
         else:
-            batch = {"image": self._slots.images[slot].copy(), "text": self._slots.text[slot].copy()}
-            order = pickle.dumps(slot)
-            for c in self._cmd:
+            slots = self._workers.slots
+            batch = {"image": slots.images[slot].copy(), "text": slots.text[slot].copy()}
+            for w in range(self.num_workers):
                 try:
-                    c.send_bytes(order)
+                    self._workers.send(w, slot)
                 except OSError:  # the worker ended (its data ran out, or it died): its messages say which
                     pass
         self._streams = [o["state"] for o in outs]
@@ -495,35 +603,243 @@ class TrainLoader(Closing):
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        return [p.pid for p in self._workers.procs] if self._workers is not None else []
 
     def close(self) -> None:
         """Stop the workers, free the shared memory and close open shards (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        for c in self._cmd:
-            try:
-                c.send(None)
-            except OSError:
-                pass
-            c.close()
-        for c in self._res:
-            c.close()
-        deadline = time.monotonic() + 10
-        for p in self._procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self._procs, self._cmd, self._res = [], [], []
-        if self._slots is not None:
-            self._slots.close()
-            self._slots = None
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         if self._producer is not None:
             self._producer.close()
             self._producer = None
+
+
+# ----------------------------------------------------------------------------- the evaluation loader
+
+class _InlineDecoder:
+    """The workers' interface in the calling process (``num_workers=0``): a request is decoded when its
+    answer is asked for."""
+
+    def __init__(self, layout: dict, cfg: dict):
+        s = layout["image_size"]
+        self.images = [np.zeros((layout["batch"], s, s, 3), np.uint8) for _ in range(layout["slots"])]
+        self._cfg = cfg
+        self._todo: collections.deque = collections.deque()
+
+    def send(self, w: int, request: tuple) -> None:
+        self._todo.append(request)
+
+    def receive(self, w: int) -> list:
+        slot, items = self._todo.popleft()
+        return decode_into(self._cfg, items, self.images[slot])
+
+    def close(self) -> None:
+        self.images = []
+        self._todo.clear()
+
+
+class EvalLoader(Closing):
+    """Evaluation batches in item order: ``{"image": uint8 [b, S, S, 3], "label": int32 [b], "name": [b]}``
+    (``"label"`` is a list when the targets are not integers, e.g. retrieval captions; ``"name"`` holds
+    ``item_name`` of each image). The last batch may be smaller. ``stats()`` and ``close()`` (also a context
+    manager). Built by ``hetclip.data.loader.make_eval_loader``.
+
+    The main process reads the items in order and sends them in chunks of ``chunk_size`` to the workers in
+    turn (chunk ``j`` to worker ``j % W``; each worker answers its chunks in order), each chunk with a free
+    shared-memory slot of ``chunk_size`` rows to decode into. It then walks the answers in chunk order:
+    decoded rows are copied into the batch (one copy per chunk), skipped items go to the ``Ledger``. A slot
+    is free again once its rows were copied out. ``W * prefetch`` chunks are in flight, plus one being read.
+    """
+
+    def __init__(self, *, items: Iterator, cfg: dict, batch_size: int, num_workers: int,
+                 closers: Sequence[Callable[[], None]] = ()):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._closed = True
+        self._items, self._cfg = items, cfg
+        self._closers = list(closers)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self._size = int(cfg["image_size"])
+        self._limit = None if cfg.get("limit") is None else int(cfg["limit"])
+        self._ledger = Ledger(cfg)
+        self._wait, self._read, self._sent = 0.0, 0, 0
+        self._exhausted = False
+        self._chunk = max(1, min(int(cfg["chunk_size"]), self.batch_size))
+        workers = max(1, self.num_workers)
+        n_slots = workers * max(1, int(cfg["prefetch"])) + 1
+        self._free = list(range(n_slots - 1, -1, -1))
+        self._inflight: collections.deque = collections.deque()  # [slot, worker, meta] per chunk, in item order
+        self._current: list | None = None  # [slot, entries, position]: the chunk being read into batches
+        self._outputs: list[np.ndarray] = []  # batch buffers, used again once the caller let go of them
+        layout = SharedSlots.layout(n_slots, self._chunk, self._size, 0, workers)
+        if self.num_workers == 0:
+            self._transport: Any = _InlineDecoder(layout, cfg)
+            self._images = self._transport.images
+        else:
+            setups = [{"role": "eval", "cfg": cfg} for _ in range(workers)]
+            self._transport = _Workers(layout, setups, 0, "before its first image", "stopping the evaluation")
+            self._images = self._transport.slots.images
+        self._closed = False
+
+    # -- iteration
+    def __iter__(self) -> "EvalLoader":
+        return self
+
+    def _send(self) -> None:
+        """Read chunks of items and send them to the workers while slots are free."""
+        while self._free and not self._exhausted:
+            meta, work = [], []
+            while len(work) < self._chunk:
+                try:
+                    it = next(self._items)
+                except StopIteration:
+                    self._exhausted = True
+                    break
+                self._read += 1
+                if isinstance(it, ShardFailure):
+                    meta.append(it)
+                else:
+                    meta.append(it)
+                    work.append(("eval", it[1], it[2], it[3], None, 0))
+            if not meta:
+                return
+            slot = worker = None
+            if work:
+                slot, worker = self._free.pop(), self._sent % max(1, self.num_workers)
+                self._sent += 1
+                try:
+                    self._transport.send(worker, (slot, work))
+                except OSError:  # the worker died: receiving its answer says so, naming it
+                    pass
+            self._inflight.append((slot, worker, meta))
+
+    def _next_chunk(self) -> list | None:
+        """The oldest chunk in flight as ``[slot, entries, 0]``: per item ``(row, target, name)`` if decoded,
+        else ``(None, reason, where, key, message)``."""
+        self._send()
+        if not self._inflight:
+            return None
+        slot, worker, meta = self._inflight.popleft()
+        t0 = time.perf_counter()
+        answers = iter(self._transport.receive(worker) if worker is not None else ())
+        self._wait += time.perf_counter() - t0
+        entries, row = [], 0
+        for it in meta:
+            if isinstance(it, ShardFailure):
+                entries.append((None, it.reason, it.url, it.key, it.detail))
+                continue
+            a = next(answers)
+            if a is None:
+                entries.append((row, it[4], item_name(it[2], it[1])))
+            else:
+                entries.append((None, a[0], it[2], it[1], a[1]))
+            row += 1
+        return [slot, entries, 0]
+
+    def __next__(self) -> dict[str, Any]:
+        if self._closed:
+            raise RuntimeError("loader is closed")
+        want = self.batch_size
+        if self._limit is not None:
+            want = min(want, self._limit - self._ledger.samples_ok)
+        try:
+            batch = self._batch(want) if want > 0 else None
+        except BaseException:
+            self.close()
+            raise
+        if batch is None:
+            self._check_bad(final=True)
+            self.close()
+            raise StopIteration
+        self._check_bad(final=False)
+        return batch
+
+    def _output(self, rows: int) -> np.ndarray:
+        """A ``[rows, S, S, 3]`` array for the next batch: a batch-sized buffer the caller no longer holds is
+        used again (its pages are mapped already, so filling it costs no page faults), else a new one."""
+        for buf in self._outputs:
+            # our list and getrefcount's argument: no batch, view or array sharing its memory is alive
+            if sys.getrefcount(buf) == 3:
+                return buf[:rows]
+        buf = np.empty((self.batch_size, self._size, self._size, 3), np.uint8)
+        if len(self._outputs) < 4:
+            self._outputs.append(buf)
+        return buf[:rows]
+
+    def _batch(self, want: int) -> dict[str, Any] | None:
+        images = self._output(want)
+        targets: list = []
+        names: list = []
+        while len(targets) < want:
+            if self._current is None:
+                self._current = self._next_chunk()
+                if self._current is None:
+                    break
+            slot, entries, pos = self._current
+            rows = []
+            while pos < len(entries) and len(targets) < want:
+                e = entries[pos]
+                pos += 1
+                if e[0] is None:
+                    self._ledger.bad(*e[1:])
+                else:
+                    rows.append(e[0])
+                    targets.append(e[1])
+                    names.append(e[2])
+            if rows:
+                at = len(targets) - len(rows)
+                if rows[-1] - rows[0] == len(rows) - 1:  # consecutive rows: one slice copy
+                    images[at: len(targets)] = self._images[slot][rows[0]: rows[-1] + 1]
+                else:
+                    np.take(self._images[slot], rows, axis=0, out=images[at: len(targets)])
+            self._current[2] = pos
+            if pos == len(entries):
+                if slot is not None:
+                    self._free.append(slot)
+                self._current = None
+        self._ledger.samples_ok += len(targets)
+        self._send()  # keep the workers busy while the caller uses this batch
+        if not targets:
+            return None
+        self._ledger.batches += 1
+        labels: Any = targets
+        if all(isinstance(t, (int, np.integer)) for t in targets):
+            labels = np.asarray(targets, np.int32)
+        return {"image": images[: len(targets)], "label": labels, "name": names}
+
+    def _check_bad(self, *, final: bool) -> None:
+        try:
+            self._ledger.check(final=final)
+        except TooManyBadSamples:
+            self.close()
+            raise
+
+    # -- stats, shutdown
+    def stats(self) -> dict:
+        """Samples read/used, skipped by reason (with recent examples), seconds waiting on workers."""
+        return {**self._ledger.to_dict(), "samples_read": self._read, "wait_seconds": self._wait,
+                "workers": self.num_workers, "bad_examples": list(self._ledger.examples)}
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in getattr(self._transport, "procs", [])]
+
+    def close(self) -> None:
+        """Stop the workers, free the shared memory and close open shards (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._transport.close()
+        for c in self._closers:
+            c()
+        self._inflight.clear()
+        self._current = None
 
 
 def _tokenizer_payload(tokenizer: Any) -> tuple[str, Any]:

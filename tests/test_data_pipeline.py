@@ -281,8 +281,10 @@ def test_simplejpeg_matches_pillow_and_falls_back(monkeypatch):
     assert decode.jpeg_decoder() == "simplejpeg"
     for h, w in ((224, 300), (500, 620)):  # full-scale and DCT-downscaled (1/2) decoding
         data = _photo_jpeg(h, w)
-        fast = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
-        fast.append(decode.eval_transform_uint8(data, 112))
+        with monkeypatch.context() as m:  # simplejpeg's pixels, resampled by Pillow
+            m.setattr(decode, "_cv2", None)
+            fast = [decode.train_transform_uint8(data, 224 if h == 224 else 160, random.Random(i)) for i in range(3)]
+            fast.append(decode.eval_transform_uint8(data, 112))
         with monkeypatch.context() as m:
             m.setattr(decode, "_simplejpeg", None)
             assert decode.jpeg_decoder() == "pillow"
@@ -299,6 +301,54 @@ def test_simplejpeg_matches_pillow_and_falls_back(monkeypatch):
     buf = io.BytesIO()
     Image.new("L", (40, 30), 77).save(buf, "JPEG")
     assert (decode.eval_transform_uint8(buf.getvalue(), 16) == 77).all()
+
+
+@pytest.mark.skipif(not decode.fast_path(), reason="simplejpeg and OpenCV are dependencies on Linux x86_64 only")
+def test_fast_path_resampling_reference_and_agreement(monkeypatch):
+    # a linear ramp: bicubic interpolation reproduces it and the low-pass keeps it, so away from the border the
+    # resampled box is the ramp evaluated at the output pixel centres (x0 + (i + 0.5) * f - 0.5)
+    yy, xx = np.mgrid[0:200, 0:300].astype(np.float64)
+    ramp = np.stack([xx * 0.5 + 20, yy * 0.6 + 30, xx * 0.2 + yy * 0.3 + 10], -1)
+    img = np.round(ramp).astype(np.uint8)
+    for box, size in (((40, 20, 140, 120), 50), ((10, 30, 60, 80), 80), ((0, 0, 300, 200), 64)):
+        out = np.zeros((size, size, 3), np.uint8)
+        got = decode.resample(img, box, size, out)
+        assert got is out
+        fx, fy = (box[2] - box[0]) / size, (box[3] - box[1]) / size
+        cx = box[0] + (np.arange(size) + 0.5) * fx - 0.5
+        cy = box[1] + (np.arange(size) + 0.5) * fy - 0.5
+        want = np.stack([cx[None, :] * 0.5 + 20 + 0 * cy[:, None], cy[:, None] * 0.6 + 30 + 0 * cx[None, :],
+                         cx[None, :] * 0.2 + cy[:, None] * 0.3 + 10], -1)
+        inner = (slice(4, -4), slice(4, -4))
+        assert np.abs(got[inner] - want[inner]).max() <= 1.01, box
+    # a box the size of the output: the crop itself
+    np.testing.assert_array_equal(decode.resample(img, (7, 9, 71, 73), 64), img[9:73, 7:71])
+    # the fast path against Pillow's decode + bicubic on photo-like JPEGs: same crop, close pixels, into out=
+    for h, w, size in ((224, 300, 224), (500, 620, 160)):
+        data = _photo_jpeg(h, w)
+        out = np.zeros((size, size, 3), np.uint8)
+        fast = [decode.train_transform_uint8(data, size, random.Random(i), out=out).copy() for i in range(3)]
+        fast.append(decode.eval_transform_uint8(data, size, resize_size=size + 32, out=out).copy())
+        with monkeypatch.context() as m:
+            m.setattr(decode, "_cv2", None)
+            assert not decode.fast_path()
+            ref = [decode.train_transform_uint8(data, size, random.Random(i)) for i in range(3)]
+            ref.append(decode.eval_transform_uint8(data, size, resize_size=size + 32))
+        for a, b in zip(fast, ref):
+            d = np.abs(a.astype(int) - b)
+            assert d.mean() < 5.0 and np.percentile(d, 99) < 25, (h, d.mean())  # a box 1 px off: mean > 10
+    # PNG (the demo recipe's 64-px scenes) keeps Pillow's decode and bicubic resize, pixel for pixel
+    rgb = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    box = decode.random_resized_crop_box(64, 64, random.Random(5), scale=(0.8, 1.0))
+    want = np.asarray(Image.fromarray(rgb).resize((64, 64), Image.Resampling.BICUBIC, box=box))
+    np.testing.assert_array_equal(decode.train_transform_uint8(buf.getvalue(), 64, random.Random(5),
+                                                               scale=(0.8, 1.0)), want)
+    # the pixel limit is checked on the header, before any decoding
+    with pytest.raises(decode.DecodeError) as e:
+        decode.train_transform_uint8(_photo_jpeg(224, 300), 64, random.Random(0), max_pixels=224 * 300 - 1)
+    assert e.value.reason == "bomb"
 
 
 def test_random_resized_crop_box_and_determinism():
@@ -413,6 +463,28 @@ def test_resume_from_a_single_stream_state(shard_set):
         assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["text"], y["text"])
     with pytest.raises(shards.ShardError, match="1 data stream per process, this run uses 2"):
         make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=2, state=v1)
+    with pytest.raises(shards.ShardError, match=r"unsupported loader state version 7 \(this loader reads versions "
+                                                r"1 and 2\)"):
+        make_train_loader(spec, CharTokenizer(), batch_size=4, seed=11, num_workers=1, state={**v1, "version": 7})
+
+
+def test_data_modules_import_one_way():
+    """samples <- workers <- loader: the per-sample module and the worker processes never import the loader
+    (a worker process imports ``hetclip.data.workers`` only)."""
+    code = ("import sys; import hetclip.data.workers; "
+            "print(sorted(m for m in sys.modules if m.startswith('hetclip.data.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'hetclip.data.loader'" not in out and "'hetclip.data.samples'" in out
+
+
+def test_one_train_crop_default():
+    """The recipes' crop default is the decoder's (``decode.DEFAULT_CROP_SCALE``), and so is the loader's."""
+    from hetclip.configs import _base
+    from hetclip.data.loader import TRAIN_DEFAULTS
+
+    assert TRAIN_DEFAULTS["crop_scale"] == decode.DEFAULT_CROP_SCALE
+    assert TRAIN_DEFAULTS["crop_ratio"] == decode.DEFAULT_CROP_RATIO
+    assert tuple(_base.base_config().data.crop_scale) == decode.DEFAULT_CROP_SCALE
 
 
 def _open_fds():

@@ -193,6 +193,110 @@ def test_imagenet_layout_check(tmp_path):
         ds.check_imagenet_layout(str(empty))
 
 
+def _mixed_items(n=24, bad_every=3):
+    """Evaluation items of coloured PNG bytes, every ``bad_every``-th undecodable (none if None), and a shard
+    failure marker after item 10."""
+    from hetclip.data.loader import eval_item
+
+    colours = list(COLOURS.values())
+    out = []
+    for i in range(n):
+        data = b"not an image" if bad_every and i % bad_every == 1 else png_bytes(colours[i % 3], (9 + i % 5, 7))
+        if i % 4 == 2 and data != b"not an image":  # a JPEG photo-like crop: the simplejpeg + OpenCV path, written straight into the slot
+            buf = io.BytesIO()
+            noise = np.random.default_rng(i).integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(buf, "JPEG", quality=90)
+            data = buf.getvalue()
+        out.append(eval_item(f"k{i:02d}.png", "shard.tar", data, i))
+        if i == 10:
+            out.append(ShardFailure("shard.tar", "truncated_shard", "breaks off after k10", key="k10x"))
+    return out
+
+
+@pytest.mark.parametrize("chunk_size,prefetch", [(2, 1), (16, 2)])
+def test_eval_loader_order_names_and_skips_do_not_depend_on_workers(chunk_size, prefetch):
+    """Chunks go to the workers in turn through shared-memory slots; whatever the worker count, chunk size and
+    number of slots (2 slots of 2 rows: a batch spans more chunks than there are slots), the batches are the
+    items in order minus the bad ones, each with its name and label, and the bad ones are named."""
+    from hetclip.data.loader import make_eval_loader
+
+    items = _mixed_items()
+    good = [it for it in items if isinstance(it, tuple) and it[3] != b"not an image"]
+    runs = {}
+    for workers in (0, 1, 3):
+        loader = make_eval_loader(iter(items), batch_size=5, num_workers=workers, image_size=6, chunk_size=chunk_size,
+                                  prefetch=prefetch, max_bad_fraction=0.5)
+        with pytest.warns(BadSampleWarning, match=r"sample 'k01\.png' of shard\.tar: corrupt_image"):
+            out = list(loader)
+        runs[workers] = out
+        assert [len(b["name"]) for b in out] == [5, 5, 5, 1]
+        assert [n for b in out for n in b["name"]] == [f"shard.tar:{it[1]}" for it in good]
+        assert np.concatenate([b["label"] for b in out]).tolist() == [it[4] for it in good]
+        st = loader.stats()
+        assert st["samples_ok"] == 16 and st["skipped"] == {"corrupt_image": 8, "truncated_shard": 1}
+        assert st["samples_read"] == 25 and st["workers"] == workers
+    for workers in (1, 3):
+        for a, b in zip(runs[0], runs[workers]):
+            np.testing.assert_array_equal(a["image"], b["image"])
+    flat = np.concatenate([b["image"] for b in runs[3]])
+    for k in (0, 1):  # a PNG and a JPEG: the decoder's own pixels
+        assert good[k][3][:2] == (b"\x89P" if k == 0 else b"\xff\xd8")
+        np.testing.assert_array_equal(flat[k], decode.eval_transform_uint8(good[k][3], 6))
+
+
+def test_eval_loader_batches_stay_intact_whether_kept_or_dropped():
+    """Batch buffers the caller let go of are filled again; ones it holds (or holds a view of) never are."""
+    from hetclip.data.loader import make_eval_loader
+
+    def run(keep):
+        loader = make_eval_loader(iter(_mixed_items(n=60, bad_every=None)), batch_size=8, num_workers=1,
+                                  image_size=6, chunk_size=3)
+        out = []
+        for b in loader:
+            out.append(b["image"][2:] if keep else b["image"].copy())  # a view keeps the whole buffer
+        return out, loader
+
+    kept, _ = run(True)
+    copied, loader = run(False)
+    # two buffers in turn: the loop variable still holds the previous batch while the next one is made
+    assert len(kept) == len(copied) == 8 and len(loader._outputs) == 2
+    for a, b in zip(kept, copied):
+        np.testing.assert_array_equal(a, b[2:])
+
+
+def test_eval_loader_limit_and_close_stop_the_workers():
+    from hetclip.data.loader import make_eval_loader
+
+    loader = make_eval_loader(iter(_mixed_items(bad_every=None)), batch_size=4, num_workers=2, image_size=6,
+                              limit=6, chunk_size=3, max_bad_fraction=0.5)
+    pids = loader.worker_pids
+    assert len(pids) == 2
+    assert [len(b["image"]) for b in loader] == [4, 2]
+    for pid in pids:  # reaped by the loader: no such process any more
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_eval_worker_death_names_the_worker_and_its_images(tmp_path):
+    """An evaluation worker killed mid-run ends iteration with DataWorkerError naming it and what it decoded."""
+    import signal
+
+    from hetclip.data.loader import make_eval_loader
+    from hetclip.data.workers import DataWorkerError
+
+    items = _mixed_items(n=200, bad_every=None)
+    loader = make_eval_loader(iter(items), batch_size=4, num_workers=2, image_size=6, chunk_size=4,
+                              max_bad_fraction=0.5)
+    next(loader), next(loader)  # the second batch is worker 1's first chunk
+    pid = loader.worker_pids[1]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(DataWorkerError, match=rf"data worker 1 \(pid {pid}\) of process 0 was killed by SIGKILL "
+                                              r"while reading image shard\.tar:k\d+\.png .*; stopping the evaluation"):
+        list(loader)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+
+
 # ------------------------------------------------------------------------------------------- webdataset
 
 def test_wds_classification_shards(tmp_path):
