@@ -302,7 +302,8 @@ def iter_shard(url: str, fields: Callable[[str], bool] | None = None) -> Iterato
     the failure have been yielded. Closes the file/pipe however the generator ends.
     """
     from webdataset.gopen import gopen
-    from webdataset.tariterators import tar_file_iterator
+
+    from .tar import members
 
     try:
         f = gopen(url, "rb")
@@ -312,8 +313,8 @@ def iter_shard(url: str, fields: Callable[[str], bool] | None = None) -> Iterato
     current: dict | None = None
     try:
         try:
-            for member in tar_file_iterator(f):
-                kx = split_key(member["fname"])
+            for name, data in members(f):
+                kx = split_key(name)
                 if kx is None:
                     continue
                 key, ext = kx
@@ -323,7 +324,7 @@ def iter_shard(url: str, fields: Callable[[str], bool] | None = None) -> Iterato
                         yield current
                     current = {"__key__": key, "__url__": url}
                 if fields is None or fields(ext):
-                    current[ext] = member["data"]
+                    current[ext] = data
             status = getattr(f, "proc", None)
             if status is not None:
                 f.stream.close()
