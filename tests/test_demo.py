@@ -218,6 +218,32 @@ def test_ensure_reuses_and_regenerates(tmp_path):
         demo.generate_demo(root, **SMALL)
 
 
+def test_older_format_is_regenerated_not_mixed(tmp_path):
+    """A directory written by another generator version (same parameters) is replaced as a whole."""
+    root = tmp_path / "d"
+    p1 = demo.ensure_demo(root, **SMALL)
+    before = _tree(p1.root)
+    manifest = json.loads(Path(p1.manifest).read_text())
+    manifest["format"] = demo.FORMAT_VERSION - 1
+    Path(p1.manifest).write_text(json.dumps(manifest))
+    stale = root / "train" / "00009.tar"  # a file the current generator never writes
+    stale.write_bytes(b"old")
+    assert not demo._is_current(root, demo._check_params(SMALL))
+    p2 = demo.ensure_demo(root, **SMALL)
+    assert json.loads(Path(p2.manifest).read_text())["format"] == demo.FORMAT_VERSION
+    assert not stale.exists() and _tree(p2.root) == before  # deterministic: the same bytes as a fresh run
+
+
+def test_small_objects_cover_a_patch():
+    """The demo recipe's ViT cuts an image into 4 x 4 patches: a small object is about one patch across or
+    more (at least 15 of 64 pixels), a medium or large one more."""
+    for size_word, prob in (("small", 1.0), (None, 0.0)):
+        attrs = [demo.render_scene(np.random.default_rng([6, i]), 64, "heart", "green", small_prob=prob,
+                                   multi_prob=0.0)[1] for i in range(40)]
+        assert size_word is None or {a["size"] for a in attrs} == {size_word}
+        assert min(2 * a["radius"] * 64 for a in attrs) >= 15.0
+
+
 def test_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"unknown demo parameter\(s\) \['num_images'\]"):
         demo.ensure_demo(tmp_path / "x", num_images=3)
