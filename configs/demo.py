@@ -15,12 +15,12 @@ def get_config(arg: str = ""):
     het = "het" in variants(arg)
     c = base_config(
         "tiny", het=het,
-        # Sized so that training stays under 5 minutes on 2 AVX-512 BF16 cores (bf16) and 10 on 2 AVX2 cores
-        # (fp32); the captions are short and use ~60 words, so the text tower is the smaller one. The demo
-        # images are drawn at 64 pixels and read at 32 with 8-pixel patches: the same 16 tokens (the same
-        # step cost) as 16-pixel patches of 64 pixels, but each token is 192 numbers instead of 768 for a
-        # 160-wide tower, and the shapes are learned much faster (one seed each, 1200 steps: shape 0.88 at 32
-        # pixels vs 0.81 at 64, training loss 2.9 vs 3.4 at step 540).
+        # Sized so that training stays under 5 minutes on 2 AVX-512 BF16 cores in bf16 (2 AVX2 cores in fp32 are
+        # ~3x slower; docs/PERFORMANCE.md); the captions are short and use ~60 words, so the text tower is the
+        # smaller one. The demo images are drawn at 64 pixels and read at 32 with 8-pixel patches: the same 16
+        # tokens (the same step cost) as 16-pixel patches of 64 pixels, but each token is 192 numbers instead
+        # of 768 for a 160-wide tower, and the shapes are learned much faster (one seed each, 1200 steps:
+        # shape 0.88 at 32 pixels vs 0.81 at 64; training loss at step 540 2.9 vs 3.4).
         vision=dict(width=160, layers=4, heads=5, patch_size=8, image_size=32),
         text=dict(width=128, layers=2, heads=2, context_length=24),
         # τ starts at 0.03 (logit scale 33) instead of 0.07: shape at 450 steps 0.37 vs 0.30
@@ -31,11 +31,11 @@ def get_config(arg: str = ""):
     c.batch_size = 128
     # A contrastive model first settles on the colour (the loss plateaus near 0.7·ln 16 + 0.3·ln 128 for
     # ~200 steps) and learns the shapes after it; the shape keeps improving to the end (900 steps 0.75,
-    # 1200 steps 0.80 at 64 pixels), so the budget goes into steps.
-    c.total_steps = 1500
+    # 1200 steps 0.80 at 64 pixels), so the time budget goes into steps.
+    c.total_steps = 1400
     c.log_every = 20
-    # Peak 5e-4: at 450 steps 1e-3 gave shape 0.22, 5e-4 0.30 and 2.5e-4 0.34 (a high rate keeps the model on
-    # the colour shortcut longer; one seed each).
+    # Peak 5e-4: at 450 steps (64 pixels) 1e-3 with b2 0.95 gave shape 0.22, 5e-4 0.30 and 2.5e-4 0.34 (a
+    # high rate keeps the model on the colour shortcut longer; one seed each).
     c.optim.update(lr=5e-4, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
     # Square crops: the objects keep their outlines (a stretched square or circle is another shape); shape
     # at 450 steps 0.33 vs 0.30 with aspect ratios 3/4-4/3.
@@ -44,8 +44,10 @@ def get_config(arg: str = ""):
     c.checkpoint.update(every_steps=500, keep=2)
     c.eval.update(every_steps=0, at_end=True, batch_size=256, mc_samples=16 if het else 0)
     c.export.update(format="hf", dir="export_hf")
-    # every generator knob; most captions (shape_only_prob 0.7) name only the shape so that the colour is
-    # not enough to match a caption (shape at 450 steps 0.40 with 0.6 vs 0.30 with 0.3; at 0.8 colour falls
-    # to 0.96)
+    # Every generator knob. Most captions (shape_only_prob 0.65) name only the shape, so that the colour is
+    # not enough to match a caption (shape at 450 steps 0.40 with 0.6 vs 0.30 with 0.3); 15 % name only the
+    # colour, in the words the colour task's prompts use (with 5 %: colour 0.977, cyan/blue and pink/purple
+    # confused). No multi-object scenes (multi_prob 0): the recipe told the shape in 2-3-object scenes in
+    # ~45 % of the cases against 93 % for one object.
     c.demo.update(enabled=True, dir="demo_data", params=dict(DEMO_DEFAULTS))
     return c
