@@ -93,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "max_rotation": 15.0,    # degrees, uniform in [-max, max]
     "max_offset": 0.05,      # a single object's centre: at most this fraction of the image from the centre
     "shape_only_prob": 0.65, # probability that a caption names the shape but not the colour
-    "color_only_prob": 0.15, # ... the colour but not the shape
+    "color_only_prob": 0.1,  # ... the colour but not the shape
     "noise_rule": "hard",    # which samples get caption noise and of what kind: one of NOISE_RULES
     "noise_prob": 0.0,       # caption corruption probability for the samples the rule selects
     "noise_prob_easy": 0.0,  # ... and for the others

@@ -40,7 +40,9 @@ def _tree(root: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "noisy"
-    return demo.ensure_demo(root, noise_prob=0.5, small_prob=0.25, faded_prob=0.25, **SMALL)
+    # every kind of scene and caption in 240 samples (the defaults have no multi-object scenes)
+    return demo.ensure_demo(root, noise_prob=0.5, small_prob=0.25, faded_prob=0.25, multi_prob=0.1,
+                            shape_only_prob=0.3, color_only_prob=0.05, **SMALL)
 
 
 def test_layout_loads(noisy):
