@@ -53,17 +53,20 @@ PROJECTION = {"locked": [], "trained": ["freeze.image=False"]}
 WARM = None  # filled from hetclip.data.demo.PARTNER_COLORS
 
 
-def demo_samples(captions: str, noise: float):
-    """The demo training set's images, captions and metadata under one caption kind (rendered as the demo
-    generator renders them: the images do not depend on the captions)."""
-    from hetclip.data import demo
+def demo_samples(captions: str, noise: float, image_size: int):
+    """The demo training set's images (the evaluation transform to the tower's ``image_size``), captions and
+    metadata under one caption kind (rendered as the demo generator renders them: the images do not depend
+    on the captions)."""
+    from PIL import Image
+
+    from hetclip.data import decode, demo
 
     p = demo._check_params({**CAPTIONS[captions], "noise_prob": noise, "noise_rule": "color_partner"})
     held = set(demo.heldout_pairs(p["seed"], p["num_heldout"]))
     images, caps, meta = [], [], []
     for i in range(p["num_train"]):
         img, m = demo._train_sample(p, i, held)
-        images.append(img)
+        images.append(decode.eval_transform_uint8(Image.fromarray(img), image_size))
         caps.append(m["caption"])
         meta.append(m)
     return np.stack(images), caps, meta
@@ -200,7 +203,7 @@ def main(argv=None):
     task_feats = lit.cached_features(tower, task, os.path.join(args.root, "features_eval_shape.npy"))
     if args.mechanism:
         captions = args.captions.split(",")[0]
-        images, caps, meta = demo_samples(captions, args.noise)
+        images, caps, meta = demo_samples(captions, args.noise, size)
         feats = lit.cached_features(tower, lit.Samples(images), os.path.join(args.root, "features_train.npy"))
         mech = mechanism(args, tower, feats, caps, captions, seed=seeds[0])
         mech["machine"] = machine()
@@ -214,7 +217,7 @@ def main(argv=None):
     rows = []
     t_all = time.perf_counter()
     for captions in args.captions.split(","):
-        images, caps, meta = demo_samples(captions, args.noise)
+        images, caps, meta = demo_samples(captions, args.noise, size)
         feats = lit.cached_features(tower, lit.Samples(images), os.path.join(args.root, "features_train.npy"))
         for seed in seeds:
             for arm, setting in [("DET", "-")] + [("HET-XL", s) for s in settings]:

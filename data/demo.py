@@ -10,7 +10,7 @@ Layout written by ``generate_demo`` / ``ensure_demo`` (and the ``hetclip-demo-da
                                          meta.jsonl (per-image attributes); shape_color/heldout.txt
     OUT/tokenizer/                       CLIP-style byte-level BPE trained on the train captions (HF format)
 
-Each image shows one object near the centre (or, less often, 2-3 anywhere) of one shape and one colour
+Each image shows one object near the centre (or, with ``multi_prob``, 2-3 anywhere) of one shape and one colour
 (8 shapes x 8 colours) with varied size, a small rotation and offset, sometimes faded, on a neutral
 background (solid, gradient or noise texture); the difficulty knobs are in ``DEFAULTS``. Captions name
 both attributes, or (``shape_only_prob``, ``color_only_prob``) only one. Some colour-shape pairs are held
@@ -52,7 +52,7 @@ from PIL import Image, ImageDraw
 __all__ = ["SHAPES", "COLORS", "BACKGROUNDS", "DEFAULTS", "TASKS", "NOISE_RULES", "PARTNER_COLORS", "PARTNER_SHAPES",
            "noise_selected", "DemoPaths", "heldout_pairs", "render_scene", "make_caption", "generate_demo", "ensure_demo", "demo_paths", "main"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
 PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
 COLORS = {  # name -> base RGB (jittered per sample)
@@ -63,7 +63,9 @@ BACKGROUNDS = {  # neutral tones only, so the colour of a scene is the colour of
     "white": (240, 240, 240), "light gray": (190, 190, 190), "gray": (128, 128, 128),
     "dark gray": (64, 64, 64), "black": (16, 16, 16), "beige": (228, 216, 190),
 }
-SIZES = {"small": (0.08, 0.13), "medium": (0.15, 0.24), "large": (0.24, 0.38)}  # radius / image size
+# radius / image size; a small object is still about a quarter of the image across (one patch of the demo
+# recipe's ViT) or more, so that its outline is there to be seen
+SIZES = {"small": (0.12, 0.16), "medium": (0.15, 0.24), "large": (0.24, 0.38)}
 ROTATABLE = ("square", "diamond", "triangle", "star", "cross", "heart")  # circle and ring look the same turned
 COUNT_WORDS = {2: "two", 3: "three"}
 NOISE_RULES = ("hard", "color_partner")
@@ -86,11 +88,12 @@ DEFAULTS: dict[str, Any] = {
     "num_heldout": 8,        # colour-shape pairs never rendered nor captioned in train
     "faded_prob": 0.1,       # probability that the objects are drawn semi-transparent (low contrast)
     "small_prob": 0.1,       # probability that the objects are small (hard to tell the shape)
-    "multi_prob": 0.1,       # probability of 2-3 objects (small or medium) instead of one
+    "multi_prob": 0.0,       # probability of 2-3 objects (small or medium) instead of one (the demo recipe
+                             # tells their shape in about half of the cases)
     "max_rotation": 15.0,    # degrees, uniform in [-max, max]
     "max_offset": 0.05,      # a single object's centre: at most this fraction of the image from the centre
-    "shape_only_prob": 0.3,  # probability that a caption names the shape but not the colour
-    "color_only_prob": 0.05, # ... the colour but not the shape
+    "shape_only_prob": 0.65, # probability that a caption names the shape but not the colour
+    "color_only_prob": 0.1,  # ... the colour but not the shape
     "noise_rule": "hard",    # which samples get caption noise and of what kind: one of NOISE_RULES
     "noise_prob": 0.0,       # caption corruption probability for the samples the rule selects
     "noise_prob_easy": 0.0,  # ... and for the others

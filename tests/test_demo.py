@@ -40,7 +40,9 @@ def _tree(root: str) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "noisy"
-    return demo.ensure_demo(root, noise_prob=0.5, small_prob=0.25, faded_prob=0.25, **SMALL)
+    # every kind of scene and caption in 240 samples (the defaults have no multi-object scenes)
+    return demo.ensure_demo(root, noise_prob=0.5, small_prob=0.25, faded_prob=0.25, multi_prob=0.1,
+                            shape_only_prob=0.3, color_only_prob=0.05, **SMALL)
 
 
 def test_layout_loads(noisy):
@@ -216,6 +218,36 @@ def test_ensure_reuses_and_regenerates(tmp_path):
     assert leftovers == []  # temporary directories were cleaned up
     with pytest.raises(FileExistsError, match="already exists"):
         demo.generate_demo(root, **SMALL)
+
+
+def test_older_format_is_regenerated_not_mixed(tmp_path):
+    """A directory written by another generator version (same parameters) is replaced as a whole."""
+    root = tmp_path / "d"
+    p1 = demo.ensure_demo(root, **SMALL)
+    before = _tree(p1.root)
+    manifest = json.loads(Path(p1.manifest).read_text())
+    manifest["format"] = demo.FORMAT_VERSION - 1
+    Path(p1.manifest).write_text(json.dumps(manifest))
+    stale = root / "train" / "00009.tar"  # a file the current generator never writes
+    stale.write_bytes(b"old")
+    assert not demo._is_current(root, demo._check_params(SMALL))
+    p2 = demo.ensure_demo(root, **SMALL)
+    assert json.loads(Path(p2.manifest).read_text())["format"] == demo.FORMAT_VERSION
+    assert not stale.exists() and _tree(p2.root) == before  # deterministic: the same bytes as a fresh run
+
+
+def test_small_objects_cover_a_patch():
+    """A small object is about one patch of the demo recipe's ViT across or more (its outline is there to be
+    seen), a medium or large one more."""
+    from hetclip import config as config_lib
+
+    vision = config_lib.load_config("demo").model.vision
+    patch = vision.patch_size / vision.image_size  # of the image side
+    for size_word, prob in (("small", 1.0), (None, 0.0)):
+        attrs = [demo.render_scene(np.random.default_rng([6, i]), 64, "heart", "green", small_prob=prob,
+                                   multi_prob=0.0)[1] for i in range(40)]
+        assert size_word is None or {a["size"] for a in attrs} == {size_word}
+        assert min(2 * a["radius"] for a in attrs) >= 0.9 * patch
 
 
 def test_bad_parameters(tmp_path):
