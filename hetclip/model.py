@@ -19,8 +19,8 @@ import numpy as np
 from hetclip import noise as noise_lib
 from hetclip.config import renamed_message
 from hetclip.data.decode import NORM_SCALE, NORM_SHIFT
-from hetclip.losses import LOSS_KINDS
 from hetclip.heads import HetConfig, HetXLEmbeddingHead, Temperature, TemperatureConfig
+from hetclip.losses import LOSS_KINDS
 from hetclip.suggest import did_you_mean
 from hetclip.towers import (ATTENTION_IMPLEMENTATIONS, Dense, TextConfig, TextTransformer, VisionConfig,
                             VisionTransformer, compute_dtype)
