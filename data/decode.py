@@ -234,15 +234,21 @@ def jpeg_decoder() -> str:
 
 def _simplejpeg_rgb(data: bytes, img: Image.Image, box: tuple[float, ...], size: int):
     """(RGB image, box scaled to it) from simplejpeg, or None to let Pillow decode."""
-    w, h = img.size
+    decoded = _decode_scaled(data, *img.size, box, size)
+    return None if decoded is None else (Image.fromarray(decoded[0], "RGB"), decoded[1])
+
+
+def _decode_scaled(data: Any, w: int, h: int, box: tuple[float, ...], size: int):
+    """(RGB array decoded by simplejpeg at the DCT-domain scale the box allows, the box scaled to it), or None
+    when simplejpeg rejects the data (corrupt or unusual: Pillow then decodes it or names the error)."""
     scale = _dct_scale(w, h, box, size)
-    min_w, min_h = (-(-w // scale), -(-h // scale)) if scale > 1 else (0, 0)
     try:
-        arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=min_h, min_width=min_w)
-    except ValueError:  # corrupt or unusual: Pillow decides (it may decode it, or name the error)
+        arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale) if scale > 1 else 0,
+                                      min_width=-(-w // scale) if scale > 1 else 0)
+    except ValueError:
         return None
     sx, sy = arr.shape[1] / w, arr.shape[0] / h
-    return Image.fromarray(arr, "RGB"), (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def _dct_scale(w: int, h: int, box: tuple[float, ...], size: int) -> int:
@@ -291,15 +297,8 @@ def _fast_jpeg(data: Any, size: int, box_of: Any, max_pixels: int | None, out: n
     if colorspace not in ("YCbCr", "RGB"):
         return None
     check_size(w, h, max_pixels)
-    box = box_of(w, h)
-    scale = _dct_scale(w, h, box, size)
-    try:
-        arr = _simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // scale) if scale > 1 else 0,
-                                      min_width=-(-w // scale) if scale > 1 else 0)
-    except ValueError:
-        return None
-    sx, sy = arr.shape[1] / w, arr.shape[0] / h
-    return resample(arr, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), size, out)
+    decoded = _decode_scaled(data, w, h, box_of(w, h), size)
+    return None if decoded is None else resample(*decoded, size, out)
 
 
 def _into(out: np.ndarray | None, image: Image.Image) -> np.ndarray:

@@ -84,6 +84,9 @@ def resolve(entry: dict, where: str = "evals") -> dict:
 def build(entry: dict, ctx: Context, where: str = "evals"):
     """The evaluator of one config entry."""
     spec = resolve(entry, where)
+    if "dir" in spec and not spec["dir"]:
+        raise ConfigError(f"evaluator {spec['name']!r} has no data: set --config.{where}.dir=... "
+                          "(or run without evaluators: --config.evals='[]')")
     return module_of(spec["kind"], where).Evaluator(spec, ctx)
 
 
@@ -97,10 +100,6 @@ class Suite:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ConfigError(f"evals: names {dup} appear more than once; give each entry its own name")
-        for i, ev in enumerate(self.evaluators):
-            if "dir" in ev.spec and not ev.spec["dir"]:
-                raise ConfigError(f"evaluator {ev.spec['name']!r} has no data: set --config.evals.{i}.dir=... "
-                                  "(or run without evaluators: --config.evals='[]')")
         self._encoders = None
 
     def __bool__(self) -> bool:
@@ -155,8 +154,8 @@ def flat_scalars(d: dict, prefix: str = "") -> dict:
 
 def headline(metrics: dict) -> str:
     """The one number a log line shows for a report's metrics: top-1, else mean recall@1, else the loss."""
+    flat = flat_scalars(metrics)
     for key in ("top1", "image_retrieval_recall@1", "loss"):
-        flat = flat_scalars(metrics)
         hit = next((v for k, v in flat.items() if k == key or k.endswith("/" + key)), None)
         if hit is not None:
             return f"{key}={hit:.4f}"

@@ -46,8 +46,6 @@ class Evaluator:
         from hetclip.zero_shot.evaluate import put_batch
 
         s, ctx = self.spec, self.ctx
-        if not s["dir"]:
-            raise ConfigError(f"evaluator {s['name']!r} has no dir; set it or remove the entry")
         source = ds.WdsRetrieval(s["dir"])
         batches = ds.eval_batches(source, ctx.input_size, s["batch_size"], workers=ctx.workers,
                                   limit=s["limit"] or None, resize_size=ctx.resize_size)

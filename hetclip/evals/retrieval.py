@@ -23,8 +23,6 @@ class Evaluator:
         from hetclip.zero_shot.evaluate import run_retrieval
 
         s, ctx = self.spec, self.ctx
-        if not s["dir"]:
-            raise ConfigError(f"evaluator {s['name']!r} has no dir; set it or remove the entry")
         return run_retrieval(encoders, ctx.tokenizer, s["dir"], ctx.input_size, batch_size=s["batch_size"],
                              text_batch_size=s["text_batch_size"], limit=s["limit"] or None, workers=ctx.workers,
                              resize_size=ctx.resize_size, max_bad_fraction=s["max_bad_fraction"], shard=ctx.shard,

@@ -39,9 +39,6 @@ class Evaluator:
         from hetclip.zero_shot.evaluate import run_zero_shot
 
         s, ctx = self.spec, self.ctx
-        if not s["dir"]:
-            raise ConfigError(f"evaluator {s['name']!r} has no dir; set it (--config.evals.N.dir=...) or remove "
-                              "the entry")
         return run_zero_shot(encoders, ctx.tokenizer, s["dir"], classnames=s["classnames"] or None,
                              templates=s["templates"], image_size=ctx.input_size, imagenet=s["layout"] == "imagenet",
                              canonicalize=s["canonicalize"], batch_size=s["batch_size"],
