@@ -159,6 +159,9 @@ def test_held_out_loss_equals_the_loss_by_hand(tmp_path):
     ctx = evals.Context(mcfg, tok, mesh=mesh, workers=0)
     report = evals.build({"kind": "contrastive", "dir": str(shards), "batch_size": 8}, ctx).run(Encoders(mcfg, params))
     assert report["metrics"]["num_batches"] == 2 and report["metrics"]["images_left_out"] == 4
+    with pytest.raises(ValueError, match=r"pairs.tar holds fewer than batch_size=32 usable samples"):
+        evals.build({"kind": "contrastive", "name": "small", "dir": str(shards), "batch_size": 32}, ctx).run(
+            Encoders(mcfg, params))
     enc = Encoders(mcfg, params)
     by_hand = []
     batches = ds.eval_batches(ds.WdsRetrieval(str(shards)), 16, 8, workers=0)
